@@ -1,0 +1,4 @@
+"""Keyframe-editor backends for TokenFlow: ``from editors import PnPEditor``."""
+from .pnp import PnPConfig, PnPEditor
+
+__all__ = ["PnPConfig", "PnPEditor"]

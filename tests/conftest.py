@@ -1,0 +1,49 @@
+"""Shared fixtures: the tiny model (built once per session), real and synthetic clips."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test videos not found at {DATA} (the shared data folder sits beside the repo only on the project's machines)")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """Where tiny models are built: $TOKENFLOW_CACHE (reused across runs) or a fresh temp dir."""
+    env = os.environ.get("TOKENFLOW_CACHE")
+    return Path(env) if env else tmp_path_factory.mktemp("tokenflow-cache")
+
+
+@pytest.fixture(scope="session")
+def tiny(cache_dir):
+    from tokenflow.models import load_model
+
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    return load_model("tiny", device="cpu", dtype="float32", cache_dir=str(cache_dir))
+
+
+@pytest.fixture(scope="session")
+def wolf8():
+    """The first 8 frames of wolf.mp4 at 128x128."""
+    if not DATA.is_dir():
+        pytest.skip(f"real test videos not found at {DATA}")
+    from tokenflow.video import read_video
+
+    return read_video(DATA / "wolf.mp4", n_frames=8, height=128, width=128)
+
+
+def translation_clip(n: int = 4, size: int = 128, shift: int = 8, seed: int = 0):
+    """A Video whose frame i is a textured image circularly shifted right by ``i * shift`` pixels."""
+    from tokenflow.video import Video
+
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.uniform(-1, 1, (1, 3, size // 8, size // 8)).astype(np.float32))
+    image = torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+    image = image + 0.3 * torch.from_numpy(rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32))
+    frames = torch.cat([torch.roll(image, shifts=i * shift, dims=3) for i in range(n)]).clamp(-1, 1)
+    return Video.from_tensor(frames, fps=10.0, source="synthetic-translation")

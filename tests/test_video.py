@@ -1,0 +1,254 @@
+"""Video I/O: round trips on synthetic clips, real clips, sizing rules, errors and atomic writes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tokenflow.errors import ConfigError, VideoError
+from tokenflow.video import (
+    Video,
+    frames_from_tensor,
+    read_video,
+    target_size,
+    video_fingerprint,
+    write_frames,
+    write_video,
+)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test videos not found at {DATA} (shared data folder absent)")
+BACKENDS = ["decord", "pyav"]
+
+
+def translating_clip(n: int = 12, h: int = 64, w: int = 128, shift: int = 2, seed: int = 0) -> np.ndarray:
+    """(n, h, w, 3) uint8: a smooth random texture moving left by ``shift`` px per frame."""
+    rng = np.random.default_rng(seed)
+    canvas_w = w + shift * n
+    coarse = rng.uniform(0, 255, (h // 8, canvas_w // 8 + 1, 3)).astype(np.float32)
+    canvas = cv2.resize(coarse, (canvas_w, h), interpolation=cv2.INTER_CUBIC)
+    return np.stack([np.clip(canvas[:, t * shift : t * shift + w], 0, 255).astype(np.uint8) for t in range(n)])
+
+
+def luma(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) uint8 -> (N, H, W) float64 grayscale."""
+    return np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]).astype(np.float64)
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    return translating_clip()
+
+
+@pytest.fixture(scope="module")
+def clip_mp4(clip: np.ndarray, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_video(tmp_path_factory.mktemp("mp4") / "clip.mp4", clip, fps=20.0)
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mp4_round_trip(clip: np.ndarray, clip_mp4: Path, backend: str) -> None:
+    video = read_video(clip_mp4, height=64, width=128, backend=backend)
+    assert video.frames.shape == clip.shape and video.frames.dtype == np.uint8
+    assert video.fps == pytest.approx(20.0, rel=1e-3)
+    assert video.source == str(clip_mp4)
+    # H.264 yuv420p at quality 8 is lossy. Measured on this saturated random-colour texture: luma mean
+    # abs error ~1.4 / 255; RGB mean abs error ~6.6 / 255, mostly from 4:2:0 chroma subsampling.
+    assert np.abs(luma(video.frames) - luma(clip)).mean() < 3.0
+    assert np.abs(video.frames.astype(np.float64) - clip).mean() < 10.0
+
+
+def test_backends_agree_and_select_frames(clip_mp4: Path) -> None:
+    full = read_video(clip_mp4, height=64, width=128, backend="decord").frames
+    for backend in BACKENDS:
+        picked = read_video(clip_mp4, n_frames=3, stride=3, start=1, height=64, width=128, backend=backend)
+        np.testing.assert_array_equal(picked.frames, full[1:8:3])
+
+
+def test_auto_falls_back_to_pyav_without_decord(clip_mp4: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "decord", None)  # makes `import decord` raise ImportError
+    assert read_video(clip_mp4, n_frames=2, height=64, width=128).n_frames == 2
+    with pytest.raises(ConfigError, match="decord"):
+        read_video(clip_mp4, backend="decord")
+
+
+def test_frame_folder_round_trip_is_exact(clip: np.ndarray, tmp_path: Path) -> None:
+    paths = write_frames(tmp_path / "frames", clip)
+    assert [p.name for p in paths[:2]] == ["00000.png", "00001.png"] and len(paths) == len(clip)
+    video = read_video(tmp_path / "frames", height=64, width=128, fps=7.0)
+    np.testing.assert_array_equal(video.frames, clip)
+    assert video.fps == 7.0
+    picked = read_video(tmp_path / "frames", n_frames=3, stride=2, start=1, height=64, width=128)
+    np.testing.assert_array_equal(picked.frames, clip[1:6:2])
+    assert picked.fps == 10.0
+
+
+def test_resizes_on_read(clip: np.ndarray, tmp_path: Path) -> None:
+    write_frames(tmp_path, clip[:2])
+    assert read_video(tmp_path).frames.shape == (2, 512, 1024, 3)  # short side 512, aspect kept
+    assert read_video(tmp_path, height=128).frames.shape == (2, 128, 256, 3)
+
+
+def test_tensor_round_trip(clip: np.ndarray) -> None:
+    video = Video(clip, fps=20.0, source="synthetic")
+    x = video.to_tensor()
+    assert x.shape == (12, 3, 64, 128) and x.dtype == torch.float32
+    assert x.min() >= -1.0 and x.max() <= 1.0
+    np.testing.assert_array_equal(frames_from_tensor(x), clip)
+    assert Video.from_tensor(x, fps=20.0).height == 64
+    clamped = frames_from_tensor(torch.full((1, 3, 2, 2), 3.0))
+    assert clamped.shape == (1, 2, 2, 3) and (clamped == 255).all()
+    assert (video.n_frames, video.height, video.width) == (12, 64, 128)
+
+
+def test_fingerprint_is_a_content_key(clip: np.ndarray) -> None:
+    base = video_fingerprint(Video(clip, fps=20.0, source="a"))
+    assert base == video_fingerprint(Video(clip.copy(), fps=20.0, source="b")) and len(base) == 64
+    changed = clip.copy()
+    changed[0, 0, 0, 0] ^= 1
+    assert video_fingerprint(Video(changed, fps=20.0)) != base
+    assert video_fingerprint(Video(clip, fps=10.0)) != base
+
+
+# --- real clips ---------------------------------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_real_wolf_strided(backend: str) -> None:
+    video = read_video(DATA / "wolf.mp4", n_frames=8, stride=2, height=128, width=128, backend=backend)
+    assert video.frames.shape == (8, 128, 128, 3)
+    assert video.fps == pytest.approx(20.0)
+
+
+@needs_data
+def test_real_woman_running_width_only() -> None:
+    video = read_video(DATA / "woman-running.mp4", n_frames=2, width=256)
+    assert video.frames.shape == (2, 256, 256, 3)  # 512x512 source: height follows the aspect
+
+
+@needs_data
+def test_real_wolf_too_short() -> None:
+    with pytest.raises(VideoError, match=r"has 40 frames; n_frames=50 with stride 1 needs 50"):
+        read_video(DATA / "wolf.mp4", n_frames=50)
+
+
+# --- sizing -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("src", "height", "width", "short_side", "expected"),
+    [
+        ((512, 512), None, None, 512, (512, 512)),
+        ((480, 854), None, None, 512, (512, 896)),  # 854 * 512 / 480 = 910.9 -> 896
+        ((854, 480), None, None, 512, (896, 512)),
+        ((480, 854), None, None, 256, (256, 448)),
+        ((480, 854), 256, None, 512, (256, 448)),
+        ((480, 854), None, 512, 512, (256, 512)),  # 480 * 512 / 854 = 287.8 -> 256
+        ((480, 854), 128, 640, 512, (128, 640)),
+        ((1000, 10), 64, None, 512, (64, 64)),  # never below 64
+    ],
+)
+def test_target_size(src: tuple[int, int], height: int | None, width: int | None, short_side: int, expected: tuple[int, int]) -> None:
+    assert target_size(*src, height, width, short_side) == expected
+
+
+# --- errors -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "pattern"),
+    [
+        ({"n_frames": 0}, ConfigError, "n_frames=0"),
+        ({"stride": 0}, ConfigError, "stride=0"),
+        ({"start": -1}, ConfigError, "start=-1"),
+        ({"height": 100}, ConfigError, "height=100 is not a multiple of 64 — use e.g. 64 or 128"),
+        ({"width": 30}, ConfigError, "width=30"),
+        ({"short_side": 500}, ConfigError, "short_side=500"),
+        ({"backend": "opencv"}, ConfigError, "backend='opencv'"),
+        ({"fps": 0.0}, ConfigError, "fps=0.0"),
+        ({"n_frames": 50}, VideoError, r"has 12 frames; n_frames=50 with stride 1 needs 50 — lower n_frames or stride"),
+        ({"n_frames": 5, "stride": 3}, VideoError, r"has 12 frames; n_frames=5 with stride 3 needs 13"),
+        ({"start": 12}, VideoError, "start=12 is past the end"),
+    ],
+)
+def test_read_errors(clip_mp4: Path, kwargs: dict, exc: type, pattern: str) -> None:
+    with pytest.raises(exc, match=pattern):
+        read_video(clip_mp4, **kwargs)
+
+
+def test_missing_path_names_path_and_cwd(tmp_path: Path) -> None:
+    with pytest.raises(VideoError, match="video not found: .*nope.mp4") as info:
+        read_video(tmp_path / "nope.mp4")
+    assert str(Path.cwd()) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_corrupt_file(tmp_path: Path, backend: str) -> None:
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"\x00\x01 this is not a video" * 100)
+    with pytest.raises(VideoError, match="could not read video .*bad.mp4") as info:
+        read_video(bad, backend=backend)
+    assert "\n" not in str(info.value)
+
+
+def test_empty_folder(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("no frames here")
+    with pytest.raises(VideoError, match="no frames in folder"):
+        read_video(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "frames",
+    [
+        np.zeros((2, 64, 64, 3), dtype=np.float32),  # wrong dtype
+        np.zeros((2, 64, 64), dtype=np.uint8),  # wrong shape
+        np.zeros((2, 63, 64, 3), dtype=np.uint8),  # odd height: yuv420p cannot hold it
+    ],
+)
+def test_rejected_write_leaves_nothing(tmp_path: Path, frames: np.ndarray) -> None:
+    with pytest.raises(VideoError):
+        write_video(tmp_path / "out.mp4", frames, fps=10.0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_old_file_and_no_temp(clip: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import imageio.v2 as iio
+
+    out = write_video(tmp_path / "out.mp4", clip[:2], fps=10.0)
+    before = out.read_bytes()
+    real_get_writer = iio.get_writer
+
+    def failing_get_writer(*args: object, **kwargs: object) -> object:
+        writer = real_get_writer(*args, **kwargs)
+        calls = {"n": 0}
+        append = writer.append_data
+
+        def append_data(frame: np.ndarray) -> None:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise OSError("disk full (simulated)")
+            append(frame)
+
+        writer.append_data = append_data
+        return writer
+
+    monkeypatch.setattr(iio, "get_writer", failing_get_writer)
+    with pytest.raises(VideoError, match="could not write video .*disk full"):
+        write_video(out, clip, fps=10.0)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_write_rejects_non_mp4(clip: np.ndarray, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="out.avi"):
+        write_video(tmp_path / "out.avi", clip, fps=10.0)
+    with pytest.raises(ConfigError, match="fps=0"):
+        write_video(tmp_path / "out.mp4", clip, fps=0)

@@ -1,0 +1,90 @@
+"""Content-addressed inversion cache: one safetensors file per key, written atomically, verified on load.
+
+The key hashes the frames' pixels (so the video bytes, the frames selected and the size), the model
+fingerprint, the inverter settings and the inversion prompt: an edit or a sweep never inverts the
+same video twice, and a changed input never hits a stale entry. A damaged file (truncated, bit flip,
+foreign) fails its checksum and is recomputed, never loaded.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .inversion import InversionResult
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = 1
+
+
+def cache_key(**parts: Any) -> str:
+    """Stable hash of JSON-serialisable parts."""
+    blob = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class InversionCache:
+    """Directory of ``<key>.safetensors`` inversion results."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory).expanduser()
+
+    def path(self, key: str) -> Path:
+        return self.directory / f"{key}.safetensors"
+
+    def load(self, key: str) -> InversionResult | None:
+        """The cached result, or None when absent or damaged (a damaged entry is deleted)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(str(path))
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads(fh.metadata()["manifest"])
+            if meta.get("key") != key or meta.get("checksum") != _checksum(tensors):
+                raise ValueError("checksum mismatch")
+            extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+            return InversionResult(meta["timesteps"], tensors["latents"], tensors["clean"], meta["prompt"],
+                                   meta["settings"], extras)
+        except Exception as e:  # any damage means: recompute
+            log.warning("inversion cache entry %s is damaged (%s): recomputing it", path.name, e)
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: str, result: InversionResult, **info: Any) -> Path:
+        """Write atomically: a temp file in the same directory, fsync, then rename over the target."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tensors = {"latents": result.latents.contiguous(), "clean": result.clean.contiguous()}
+        tensors.update({f"extra.{k}": v.contiguous() for k, v in result.extras.items()})
+        manifest = {"key": key, "checksum": _checksum(tensors), "timesteps": list(result.timesteps),
+                    "prompt": result.prompt, "settings": result.settings, **info}
+        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest, default=str)})
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path(key))
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return self.path(key)

@@ -1,0 +1,112 @@
+"""Structured run configuration (validated types and ranges) and typed instantiation of config groups.
+
+The top-level keys are a dataclass registered in Hydra's ConfigStore; each pluggable part (model,
+inverter, editor, propagator, search, keyframes) is a YAML group with ``_target_``. Parts whose
+class carries a config dataclass are validated against it before construction, so a wrong key or
+type fails at start-up with the key's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from hydra.utils import get_object, instantiate
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+
+@dataclass
+class RunConfig:
+    """Top-level keys shared by ``tokenflow-invert`` and ``tokenflow-edit``."""
+
+    task: str = "edit"                  # edit | invert (names the output folder)
+    video: str = "???"                  # input video file or folder of frames
+    prompt: str = ""                    # target prompt (edit)
+    negative_prompt: str = "ugly, blurry, low res, unrealistic, unaesthetic"
+    inversion_prompt: str = ""          # describes the input video; conditions inversion and the source branch
+    n_frames: Optional[int] = None      # first n frames (after frame_stride); None = all
+    frame_stride: int = 1               # take every k-th frame of the video
+    height: Optional[int] = None        # output size, multiples of 64; None = short side 512, aspect kept
+    width: Optional[int] = None
+    n_steps: int = 50                   # DDIM sampling steps of the edit (and kept inversion timesteps)
+    keyframe_stride: int = 8            # one keyframe per this many frames
+    chunk_size: int = 8                 # frames per UNet call
+    seed: int = 1
+    device: str = "auto"                # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"                 # auto | float32 | float16 | bfloat16
+    cache_dir: Optional[str] = None     # inversion and tiny-model cache; None = user cache dir
+    use_cache: bool = True
+    progress: bool = True
+    verbose: bool = False               # full tracebacks on errors
+    warp_metric: bool = True            # compute warp error of the output (OpenCV flow on the input)
+    model: Any = None
+    inverter: Any = None
+    editor: Any = None
+    propagator: Any = None
+    search: Any = None
+    keyframes: Any = None
+    experiment: Any = None
+
+    def __post_init__(self) -> None:
+        validate_run(self)
+
+
+def validate_run(cfg: Any) -> None:
+    """Range checks with actionable messages (types are checked by OmegaConf)."""
+    def positive(name: str) -> None:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"{name}={value} must be >= 1 — use a positive number")
+
+    for name in ("n_frames", "frame_stride", "n_steps", "keyframe_stride", "chunk_size"):
+        positive(name)
+    for name in ("height", "width"):
+        value = getattr(cfg, name)
+        if value is not None and (value < 64 or value % 64):
+            raise ConfigError(f"{name}={value} is not a multiple of 64 — use e.g. {max(64, round(value / 64) * 64)}")
+
+
+ConfigStore.instance().store(name="run_schema", node=RunConfig)
+
+
+def build(node: DictConfig | dict, **extra: Any) -> Any:
+    """Instantiate a ``_target_`` node; if the target has a ``config`` dataclass (``Cls.Config`` or the
+    dataclass annotated by its constructor), validate the node's keys and types against it first."""
+    node = OmegaConf.create(node) if isinstance(node, dict) else node
+    target = node.get("_target_")
+    if target is None:
+        raise ConfigError(f"config node {OmegaConf.to_yaml(node).strip()!r} has no _target_ — name the class to build")
+    schema = getattr(_target(target), "Config", None)
+    if schema is not None and is_dataclass(schema):
+        known = {f.name for f in fields(schema)}
+        plain = {k: v for k, v in node.items() if k != "_target_" and k in known}
+        unknown = [k for k in node if k != "_target_" and k not in known and k not in extra and not _is_node(node[k])]
+        if unknown:
+            raise ConfigError(f"{target} has no setting {unknown[0]!r} — valid settings: {sorted(known)}")
+        try:
+            OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(OmegaConf.to_container(OmegaConf.create(plain), resolve=True)))
+        except OmegaConfBaseException as e:
+            raise ConfigError(f"{target}: {str(e).splitlines()[0]}") from e
+    try:
+        return instantiate(node, **extra)
+    except Exception as e:  # hydra wraps constructor errors; surface ours unwrapped
+        cause = e
+        while cause is not None and not isinstance(cause, ConfigError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _target(path: str) -> Any:
+    try:
+        return get_object(path)
+    except Exception:
+        return None
+
+
+def _is_node(value: Any) -> bool:
+    return isinstance(value, DictConfig) and "_target_" in value

@@ -1,0 +1,169 @@
+"""The TokenFlow pipeline: invert, then at each timestep edit keyframes jointly, propagate, step.
+
+Composes a model, an ``Inverter``, a ``KeyframeEditor``, a ``Propagator`` and a keyframe schedule;
+none knows the others' internals. Usable without Hydra::
+
+    pipe = TokenFlowPipeline(model, PnPEditor(), TokenFlowPropagator(), RandomKeyframes(stride=8))
+    result = pipe(video, prompt="a robotic wolf", inversion_prompt="a wolf")
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .attention import TokenFlowRuntime
+from .cache import InversionCache, cache_key
+from .ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
+from .editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
+from .errors import ConfigError
+from .inversion import DDIMInverter, InversionResult, Inverter
+from .keyframes import KeyframeSchedule, RandomKeyframes
+from .layout import UNetLayout
+from .propagation import CorrespondenceCallback, Propagator, TokenFlowPropagator
+from .video import Video, frames_from_tensor, video_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EditResult:
+    frames: "Any"                   # (N, H, W, 3) uint8
+    latents: Tensor                 # (N, 4, h, w) edited clean latents
+    keyframes: list[list[int]]      # keyframes drawn at each step
+    timesteps: list[int]
+    timings: dict[str, float] = field(default_factory=dict)
+    unet_evaluations: int = 0       # image-UNet evaluations (batch elements) in the edit
+
+
+def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: InversionCache | None = None,
+                 progress: bool = True) -> tuple[InversionResult, bool]:
+    """Encode and invert ``video`` (cached by content); returns (inversion, cache_hit)."""
+    key = cache_key(video=video_fingerprint(video), model=model.fingerprint, inverter=inverter.settings(), prompt=prompt)
+    if cache is not None:
+        hit = cache.load(key)
+        if hit is not None:
+            log.info("inversion cache hit %s", key)
+            return hit, True
+    clean = model.encode_images(video.to_tensor())
+    result = inverter.invert(model, clean, prompt, progress=progress)
+    if cache is not None:
+        cache.save(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
+                   size=[video.height, video.width])
+    return result, False
+
+
+class TokenFlowPipeline:
+    """Edit a video with a keyframe editor and a propagator, diffusers-pipeline style."""
+
+    def __init__(self, model, editor: KeyframeEditor, propagator: Propagator | None = None,
+                 keyframes: KeyframeSchedule | None = None, inverter: Inverter | None = None,
+                 n_steps: int = 50, chunk_size: int = 8, cache: InversionCache | None = None) -> None:
+        if n_steps < 1 or chunk_size < 1:
+            raise ConfigError(f"n_steps={n_steps} and chunk_size={chunk_size} must be >= 1 — use positive numbers")
+        self.model, self.editor = model, editor
+        self.propagator = propagator or TokenFlowPropagator()
+        self.keyframes = keyframes or RandomKeyframes()
+        self.inverter = inverter or DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
+        self.n_steps, self.chunk_size, self.cache = n_steps, chunk_size, cache
+        self.layout = UNetLayout.from_unet(model.unet)
+        self.unet_evaluations = 0
+
+    # ---- one UNet call over branches -------------------------------------------------------------
+    def _predict(self, x: Tensor, inversion: InversionResult, step: Step) -> dict[str, Tensor]:
+        """Noise predictions by branch for edited latents ``x`` (F, 4, h, w) of ``step.frames``."""
+        frames = step.frames.cpu()
+        latents = [x if b.latents == "edit" else inversion.at(step.timestep, frames).to(x) for b in step.branches]
+        emb = torch.cat([b.embedding.expand(len(frames), -1, -1) for b in step.branches])
+        eps = self.model.unet(torch.cat(latents).to(self.model.dtype), step.timestep,
+                              encoder_hidden_states=emb.to(self.model.dtype)).sample
+        self.unet_evaluations += eps.shape[0]
+        return dict(zip(step.names, eps.float().chunk(len(step.branches))))
+
+    def _branches(self, step: Step, source: Branch | None) -> tuple[Branch, ...]:
+        edit = tuple(self.editor.branches(step))
+        return edit if source is None or any(b.name == SOURCE for b in edit) else (source,) + edit
+
+    def step_frames(self, runtime: TokenFlowRuntime, x: Tensor, inversion: InversionResult, index: int,
+                    timesteps: list[int], frames: Tensor, keyframes: Tensor, phase: str,
+                    source: Branch | None) -> Tensor:
+        """One UNet call and DDIM step for ``frames`` of ``x`` in ``phase`` (keyframes/propagate/frames).
+
+        Returns the new latents of those frames (F, 4, h, w), float32 on the model's device.
+        """
+        t = timesteps[index]
+        sched = self.model.scheduler
+        step = Step(index, t, len(timesteps), phase, frames, keyframes)
+        step.branches = self._branches(step, source)
+        runtime.step = step
+        try:
+            xf = x[frames].to(self.model.device)
+            eps = self.editor.guide(self._predict(xf, inversion, step), step)
+            new = ddim_step(xf.float(), eps, alpha_bar(sched, t), alpha_bar(sched, previous_timestep(timesteps, index)))
+            return self.editor.step_end(new, step)
+        finally:
+            runtime.step = None
+
+    def denoise_step(self, runtime: TokenFlowRuntime, x: Tensor, inversion: InversionResult, index: int,
+                     timesteps: list[int], keyframes: list[int], source: Branch | None) -> Tensor:
+        """One TokenFlow step over all frames: keyframe pass, then chunks with propagation → new latents."""
+        args = (runtime, x, inversion, index, timesteps)
+        kf = torch.tensor(keyframes if self.propagator.uses_keyframes else [], dtype=torch.long)
+        if self.propagator.uses_keyframes:
+            self.step_frames(*args, kf, kf, "keyframes", source)  # fills runtime.keyframe_tokens; result unused
+        phase = "propagate" if self.propagator.uses_keyframes else "frames"
+        out = torch.empty_like(x)
+        for frames in torch.arange(x.shape[0]).split(self.chunk_size):
+            out[frames] = self.step_frames(*args, frames, kf, phase, source).to(out)
+        return out
+
+    def source_branch(self, inversion_prompt: str) -> Branch | None:
+        """The source branch (inverted latents, inversion prompt) if the editor or propagator needs it."""
+        if not (self.editor.needs_source or isinstance(self.propagator, TokenFlowPropagator)):
+            return None
+        return Branch(SOURCE, self.model.encode_text(inversion_prompt), latents="source", joint=False)
+
+    # ---- the whole edit --------------------------------------------------------------------------
+    def edit(self, inversion: InversionResult, prompt: str, negative_prompt: str = "", inversion_prompt: str | None = None,
+             progress: bool = True, on_match: CorrespondenceCallback | None = None) -> EditResult:
+        """Edit from an existing inversion; returns decoded frames and what was done."""
+        grid = ddim_timesteps(self.model.scheduler, self.n_steps)
+        inputs = EditInputs(self.model, inversion, prompt, negative_prompt,
+                            inversion.prompt if inversion_prompt is None else inversion_prompt, grid)
+        self.editor.prepare(inputs)
+        timesteps = self.editor.timesteps(grid)
+        missing = [t for t in timesteps if not inversion.has(t)]
+        if missing and (self.editor.needs_source or self.propagator.uses_keyframes):
+            raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
+        source = self.source_branch(inputs.inversion_prompt)
+        x = self.editor.initial_latents(inputs, timesteps).float()
+        schedule = self.keyframes.sequence(len(timesteps), inversion.n_frames)
+        self.unet_evaluations = 0
+        t0 = time.perf_counter()
+        runtime = TokenFlowRuntime(self.editor, self.propagator, on_match=on_match).install(self.model.unet, self.layout)
+        try:
+            with torch.no_grad():
+                for i in tqdm(range(len(timesteps)), desc="TokenFlow editing", unit="step", disable=not progress):
+                    x = self.denoise_step(runtime, x, inversion, i, timesteps, schedule[i], source)
+        finally:
+            runtime.remove()
+        t_edit = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        frames = frames_from_tensor(self.model.decode_latents(x))
+        timings = {"editing_s": t_edit, "decoding_s": time.perf_counter() - t0}
+        return EditResult(frames, x, schedule, timesteps, timings, self.unet_evaluations)
+
+    def __call__(self, video: Video, prompt: str, negative_prompt: str = "", inversion_prompt: str = "",
+                 progress: bool = True, on_match: CorrespondenceCallback | None = None) -> EditResult:
+        """Invert ``video`` (cached) and edit it towards ``prompt``."""
+        t0 = time.perf_counter()
+        inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
+        t_inv = time.perf_counter() - t0
+        result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match)
+        result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), **result.timings}
+        return result

@@ -1,0 +1,319 @@
+"""Video I/O: read clips (decord, PyAV or a folder of frames), resize, write H.264 mp4 / PNG frames.
+
+Frames are always ``np.ndarray`` of shape (N, H, W, 3), dtype uint8, RGB. Writes are atomic: a temp
+file in the target directory is renamed over the destination only once it is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from tokenflow.errors import ConfigError, VideoError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+BACKENDS = ("auto", "decord", "pyav")
+_CHUNK = 16  # frames decoded per decord batch, bounds peak memory before resizing
+
+
+@dataclass
+class Video:
+    """A decoded clip: ``frames`` (N, H, W, 3) uint8 RGB, ``fps`` and the ``source`` it came from."""
+
+    frames: np.ndarray
+    fps: float
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        _check_frames(self.frames, "Video.frames")
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+    @property
+    def height(self) -> int:
+        return int(self.frames.shape[1])
+
+    @property
+    def width(self) -> int:
+        return int(self.frames.shape[2])
+
+    def to_tensor(self) -> torch.Tensor:
+        """Frames as float32 (N, 3, H, W) in [-1, 1] (CPU; move it with ``.to(device)``)."""
+        x = torch.from_numpy(np.ascontiguousarray(self.frames)).permute(0, 3, 1, 2)
+        return x.float().div(127.5).sub(1.0)
+
+    @classmethod
+    def from_tensor(cls, x: torch.Tensor, fps: float, source: str = "tensor") -> Video:
+        """Inverse of :meth:`to_tensor` for a (N, 3, H, W) tensor in [-1, 1]."""
+        return cls(frames_from_tensor(x), fps=fps, source=source)
+
+
+def frames_from_tensor(x: torch.Tensor) -> np.ndarray:
+    """(N, 3, H, W) float in [-1, 1] (clamped) -> (N, H, W, 3) uint8, rounding to nearest."""
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ConfigError(f"expected a (N, 3, H, W) tensor, got shape {tuple(x.shape)} — add a batch dim or permute channels first")
+    y = (x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5
+    return y.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def target_size(src_h: int, src_w: int, height: int | None, width: int | None, short_side: int = 512) -> tuple[int, int]:
+    """Output (h, w) for a (src_h, src_w) source.
+
+    Both given: exactly (height, width). One given: the other keeps the aspect ratio, rounded to the
+    nearest multiple of 64 (min 64). Neither: the short side becomes ``short_side`` and the long side
+    is the aspect-preserving value rounded the same way.
+    """
+    _check_sizes(height, width, short_side)
+    if src_h < 1 or src_w < 1:
+        raise VideoError(f"source frames are {src_h}x{src_w} — the video has no pixels")
+    if height is not None and width is not None:
+        return height, width
+    if height is not None:
+        return height, _round64(src_w * height / src_h)
+    if width is not None:
+        return _round64(src_h * width / src_w), width
+    if src_h <= src_w:
+        return short_side, _round64(src_w * short_side / src_h)
+    return _round64(src_h * short_side / src_w), short_side
+
+
+def read_video(
+    path: str | os.PathLike, n_frames: int | None = None, stride: int = 1, start: int = 0,
+    height: int | None = None, width: int | None = None, short_side: int = 512,
+    *, backend: str = "auto", fps: float = 10.0,
+) -> Video:
+    """Read frames ``start, start + stride, ...`` (the first ``n_frames``; None = all) and resize.
+
+    ``path`` is a video file or a folder of png/jpg/jpeg frames (sorted by name; ``fps`` applies to
+    folders, and to files that carry no frame rate). ``backend``: "decord", "pyav" or "auto" (decord
+    if importable, else PyAV). Returns frames (N, H, W, 3) uint8, sized by :func:`target_size`.
+    """
+    _check_selection(n_frames, stride, start)
+    _check_sizes(height, width, short_side)
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend={backend!r} is unknown — use one of {', '.join(BACKENDS)}")
+    if fps <= 0:
+        raise ConfigError(f"fps={fps} must be positive — pass e.g. fps=10.0")
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"video not found: '{p}' — check the path (relative paths are resolved against {Path.cwd()})")
+    size = (height, width, short_side)
+    if p.is_dir():
+        frames, rate = _read_folder(p, n_frames, stride, start, size), fps
+    elif _pick_backend(backend) == "decord":
+        frames, rate = _read_decord(p, n_frames, stride, start, size)
+    else:
+        frames, rate = _read_pyav(p, n_frames, stride, start, size, fps)
+    return Video(frames=frames, fps=float(rate), source=str(p))
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
+    """Write (N, H, W, 3) uint8 frames as H.264 (yuv420p) mp4, atomically; returns the path."""
+    import imageio.v2 as iio
+
+    p = Path(path)
+    if p.suffix.lower() != ".mp4":
+        raise ConfigError(f"write_video writes H.264 mp4, got '{p}' — use a path ending in .mp4")
+    if fps <= 0:
+        raise ConfigError(f"fps={fps} must be positive — pass the source clip's fps")
+    _check_frames(frames, "frames")
+    if frames.shape[1] % 2 or frames.shape[2] % 2:
+        raise VideoError(f"frames are {frames.shape[1]}x{frames.shape[2]}; H.264 yuv420p needs even height and width — crop or resize")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.stem}.{uuid.uuid4().hex}.tmp.mp4")  # .mp4 suffix: ffmpeg picks the container
+    try:
+        writer = iio.get_writer(
+            str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=8,
+            macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
+        )
+        try:
+            for frame in frames:
+                writer.append_data(np.ascontiguousarray(frame))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                writer.close()  # keep the original error, not ffmpeg's broken pipe
+            raise
+        writer.close()
+        os.replace(tmp, p)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, Exception) and not isinstance(exc, (ConfigError, VideoError)):
+            raise VideoError(f"could not write video '{p}': {_one_line(exc)} — check disk space and permissions") from exc
+        raise
+    return p
+
+
+def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> list[Path]:
+    """Write (N, H, W, 3) uint8 frames as ``00000.png, 00001.png, ...`` (each atomically).
+
+    Existing files in ``folder`` are left alone; use an empty folder to read the frames back.
+    """
+    _check_frames(frames, "frames")
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, frame in enumerate(frames):
+        dst = out / f"{i:05d}.png"
+        tmp = out / f".{dst.name}.{uuid.uuid4().hex}.tmp"
+        try:
+            Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
+            os.replace(tmp, dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        paths.append(dst)
+    return paths
+
+
+def video_fingerprint(video: Video) -> str:
+    """sha256 hex digest of the frame bytes, shape, dtype and fps: a content key for caches."""
+    h = hashlib.sha256()
+    h.update(f"{tuple(video.frames.shape)}|{video.frames.dtype}|{float(video.fps)!r}|".encode())
+    h.update(memoryview(np.ascontiguousarray(video.frames)).cast("B"))
+    return h.hexdigest()
+
+
+def _round64(x: float) -> int:
+    return max(64, int(round(x / 64.0)) * 64)
+
+
+def _one_line(exc: BaseException) -> str:
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
+
+
+def _check_frames(frames: np.ndarray, name: str) -> None:
+    if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        got = f"shape {getattr(frames, 'shape', None)} dtype {getattr(frames, 'dtype', type(frames).__name__)}"
+        raise VideoError(f"{name} must be a (N, H, W, 3) uint8 array, got {got} — convert with frames_from_tensor or .astype(np.uint8)")
+    if frames.shape[0] < 1:
+        raise VideoError(f"{name} has 0 frames — pass at least one frame")
+
+
+def _check_sizes(height: int | None, width: int | None, short_side: int) -> None:
+    for name, value in (("height", height), ("width", width), ("short_side", short_side)):
+        if value is not None and (value < 64 or value % 64):
+            lo, hi = max(64, (value // 64) * 64), max(128, -(-value // 64) * 64)
+            raise ConfigError(f"{name}={value} is not a multiple of 64 — use e.g. {lo} or {hi}")
+
+
+def _check_selection(n_frames: int | None, stride: int, start: int) -> None:
+    if n_frames is not None and n_frames < 1:
+        raise ConfigError(f"n_frames={n_frames} must be >= 1 — or None for all frames")
+    if stride < 1:
+        raise ConfigError(f"stride={stride} must be >= 1 — use 1 for every frame")
+    if start < 0:
+        raise ConfigError(f"start={start} must be >= 0 — it is the index of the first frame")
+
+
+def _select(total: int, n_frames: int | None, stride: int, start: int, source: Path) -> list[int]:
+    """Frame indices to read from a clip of ``total`` frames, or a VideoError if it is too short."""
+    indices = list(range(start, total, stride))
+    if n_frames is None and not indices:
+        raise VideoError(f"video '{source}' has {total} frames; start={start} is past the end — lower start")
+    if n_frames is not None and len(indices) < n_frames:
+        needs = start + (n_frames - 1) * stride + 1
+        at = f" from start {start}" if start else ""
+        raise VideoError(f"video '{source}' has {total} frames; n_frames={n_frames} with stride {stride}{at} needs {needs} — lower n_frames or stride")
+    return indices[:n_frames] if n_frames is not None else indices
+
+
+def _pick_backend(backend: str) -> str:
+    """"decord" or "pyav": auto picks decord when it imports."""
+    if backend != "pyav":
+        try:
+            import decord  # noqa: F401
+
+            return "decord"
+        except ImportError:
+            if backend == "decord":
+                raise ConfigError("backend='decord' but decord is not installed — pip install decord or use backend='pyav'") from None
+    return "pyav"
+
+
+def _fit(frames: Iterable[np.ndarray], size: tuple) -> np.ndarray:
+    """Resize frames (each (H, W, 3) uint8) to ``target_size(H, W, *size)`` with PIL LANCZOS; stack."""
+    out: list[np.ndarray] = []
+    hw: tuple[int, int] | None = None
+    for frame in frames:
+        if hw is None:
+            hw = target_size(frame.shape[0], frame.shape[1], *size)
+        if frame.shape[:2] != hw:
+            frame = np.asarray(Image.fromarray(frame).resize((hw[1], hw[0]), Image.Resampling.LANCZOS))
+        out.append(frame)
+    return np.stack(out)
+
+
+def _read_folder(folder: Path, n_frames: int | None, stride: int, start: int, size: tuple) -> np.ndarray:
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise VideoError(f"no frames in folder '{folder}' (looked for {'/'.join(IMAGE_SUFFIXES)}) — point at a video file or a folder of images")
+    indices = _select(len(files), n_frames, stride, start, folder)
+
+    def load() -> Iterator[np.ndarray]:
+        for i in indices:
+            try:
+                with Image.open(files[i]) as im:
+                    yield np.asarray(im.convert("RGB"))
+            except OSError as exc:
+                raise VideoError(f"could not read frame '{files[i]}': {_one_line(exc)} — replace or remove that file") from exc
+
+    return _fit(load(), size)
+
+
+def _read_decord(path: Path, n_frames: int | None, stride: int, start: int, size: tuple) -> tuple[np.ndarray, float]:
+    import decord
+
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+        total, rate = len(reader), float(reader.get_avg_fps())
+    except Exception as exc:
+        raise VideoError(f"could not read video '{path}' with decord: {_one_line(exc)} — check it is a valid video (try ffprobe) or use backend='pyav'") from exc
+    indices = _select(total, n_frames, stride, start, path)
+
+    def load() -> Iterator[np.ndarray]:
+        for lo in range(0, len(indices), _CHUNK):
+            try:
+                batch = reader.get_batch(indices[lo : lo + _CHUNK]).asnumpy()
+            except Exception as exc:
+                raise VideoError(f"could not decode frames of '{path}' with decord: {_one_line(exc)} — the file may be truncated; try backend='pyav'") from exc
+            yield from batch
+
+    return _fit(load(), size), rate
+
+
+def _read_pyav(path: Path, n_frames: int | None, stride: int, start: int, size: tuple, fps: float) -> tuple[np.ndarray, float]:
+    import av
+
+    last = start + (n_frames - 1) * stride if n_frames is not None else None
+    kept: list[np.ndarray] = []
+    total = 0
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"'{path}' has no video stream — pass a video file")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            rate = float(stream.average_rate or stream.guessed_rate or fps)
+            for frame in container.decode(stream):
+                if total >= start and (total - start) % stride == 0:
+                    kept.append(_fit([frame.to_ndarray(format="rgb24")], size)[0])
+                total += 1
+                if last is not None and total > last:
+                    break
+    except Exception as exc:
+        if isinstance(exc, VideoError):
+            raise
+        raise VideoError(f"could not read video '{path}' with PyAV: {_one_line(exc)} — check it is a valid video (try ffprobe)") from exc
+    indices = _select(total, n_frames, stride, start, path)
+    return np.stack(kept[: len(indices)]), rate
