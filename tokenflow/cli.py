@@ -31,13 +31,12 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _prepare(cfg: DictConfig):
     """Validate the run keys, load the model and read the video."""
-    from .config import RunConfig, build, validate_run
+    from .config import build, validate_run
     from .video import read_video
 
     validate_run(cfg)
-    model = build(cfg.model)
     video = read_video(cfg.video, n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
-    return model, video
+    return build(cfg.model), video
 
 
 def _cache(cfg: DictConfig):

@@ -15,7 +15,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError
+from .errors import ConfigError, TokenFlowError
 
 
 @dataclass
@@ -89,12 +89,13 @@ def build(node: DictConfig | dict, **extra: Any) -> Any:
         try:
             OmegaConf.merge(OmegaConf.structured(schema), OmegaConf.create(OmegaConf.to_container(OmegaConf.create(plain), resolve=True)))
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{target}: {str(e).splitlines()[0]}") from e
+            key = getattr(e, "full_key", None) or getattr(e, "key", None) or "?"
+            raise ConfigError(f"{target}.{key}: {str(e).splitlines()[0]} — fix the value's type") from e
     try:
         return instantiate(node, **extra)
-    except Exception as e:  # hydra wraps constructor errors; surface ours unwrapped
+    except Exception as e:  # hydra wraps constructor errors; surface ours (TokenFlowError) unwrapped
         cause = e
-        while cause is not None and not isinstance(cause, ConfigError):
+        while cause is not None and not isinstance(cause, TokenFlowError):
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             raise cause from None
