@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from tokenflow.ddim import add_noise, noise_from_latent
 from tokenflow.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.errors import ConfigError
 
@@ -24,6 +25,10 @@ class PnPConfig:
     pnp_attn_t: float = 0.5                      # fraction of steps with self-attention Q/K injection
     conv_layers: list[int] = field(default_factory=lambda: [4])            # decoder layers (PnP numbering)
     attn_layers: list[int] = field(default_factory=lambda: list(range(4, 12)))
+    # start latent: "inverted" = the inverted latent at the first timestep (exact DDIM trajectory);
+    # "renoised" = the official code: z0 re-noised at the first timestep with the noise implied by
+    # the noisiest kept inverted latent (x_999 when the inversion keeps its final latent)
+    initial_latent: str = "inverted"
 
     def __post_init__(self) -> None:
         for name in ("pnp_f_t", "pnp_attn_t"):
@@ -32,6 +37,8 @@ class PnPConfig:
                 raise ConfigError(f"editor.{name}={v} must be in [0, 1] — it is a fraction of the denoising steps")
         if self.guidance_scale < 0:
             raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
+        if self.initial_latent not in ("inverted", "renoised"):
+            raise ConfigError(f"editor.initial_latent={self.initial_latent!r} is unknown — use 'inverted' or 'renoised'")
 
 
 class PnPEditor(KeyframeEditor):
@@ -49,6 +56,14 @@ class PnPEditor(KeyframeEditor):
     def prepare(self, inputs: EditInputs) -> None:
         self._uncond = inputs.model.encode_text(inputs.negative_prompt)
         self._cond = inputs.model.encode_text(inputs.prompt)
+
+    def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
+        if self.config.initial_latent == "inverted":
+            return super().initial_latents(inputs, timesteps)
+        inv, scheduler = inputs.inversion, inputs.model.scheduler
+        noisiest = max(inv.timesteps)
+        eps = noise_from_latent(scheduler, inv.clean, inv.at(noisiest), noisiest)
+        return add_noise(scheduler, inv.clean, eps, timesteps[0])
 
     def branches(self, step: Step) -> list[Branch]:
         return [Branch("uncond", self._uncond), Branch("cond", self._cond)]

@@ -29,6 +29,7 @@ class RunConfig:
     inversion_prompt: str = ""          # describes the input video; conditions inversion and the source branch
     n_frames: Optional[int] = None      # first n frames (after frame_stride); None = all
     frame_stride: int = 1               # take every k-th frame of the video
+    round_frames_down: bool = False     # drop frames to a multiple of keyframe_stride (the official code does)
     height: Optional[int] = None        # output size, multiples of 64; None = short side 512, aspect kept
     width: Optional[int] = None
     n_steps: int = 50                   # DDIM sampling steps of the edit (and kept inversion timesteps)
