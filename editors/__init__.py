@@ -1,4 +1,6 @@
 """Keyframe-editor backends for TokenFlow: ``from editors import PnPEditor``."""
+from .p2p import PromptToPromptConfig, PromptToPromptEditor
 from .pnp import PnPConfig, PnPEditor
+from .sdedit import SDEditConfig, SDEditEditor
 
-__all__ = ["PnPConfig", "PnPEditor"]
+__all__ = ["PnPConfig", "PnPEditor", "PromptToPromptConfig", "PromptToPromptEditor", "SDEditConfig", "SDEditEditor"]

@@ -4,7 +4,8 @@ The source branch (inverted latents at t, inversion prompt) is run alongside the
 for the first ``pnp_f_t`` of the steps the decoder's residual features at ``conv_layers`` (conv2
 output before the skip, decoder layer 4 in SD) of the edit branches are replaced by the source's,
 and for the first ``pnp_attn_t`` the self-attention queries and keys at ``attn_layers`` (decoder
-layers 4-11). Classifier-free guidance with the negative prompt.
+layers 4-11). Classifier-free guidance with the negative prompt (with a null-text inversion and an
+empty negative prompt: the per-frame, per-step null-text embeddings).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from tokenflow.ddim import add_noise, noise_from_latent
 from tokenflow.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.errors import ConfigError
+from tokenflow.nulltext import UnconditionalEmbedding
 
 
 @dataclass
@@ -49,12 +51,12 @@ class PnPEditor(KeyframeEditor):
 
     def __init__(self, **config) -> None:
         self.config = PnPConfig(**config)
-        self._uncond: Tensor | None = None
+        self._uncond: UnconditionalEmbedding | None = None
         self._cond: Tensor | None = None
         self._attn_layers: frozenset[str] = frozenset()
 
     def prepare(self, inputs: EditInputs) -> None:
-        self._uncond = inputs.model.encode_text(inputs.negative_prompt)
+        self._uncond = UnconditionalEmbedding(inputs)  # null-text embeddings if inverted so and no negative prompt
         self._cond = inputs.model.encode_text(inputs.prompt)
 
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
@@ -66,7 +68,7 @@ class PnPEditor(KeyframeEditor):
         return add_noise(scheduler, inv.clean, eps, timesteps[0])
 
     def branches(self, step: Step) -> list[Branch]:
-        return [Branch("uncond", self._uncond), Branch("cond", self._cond)]
+        return [Branch("uncond", self._uncond.at(step.timestep)), Branch("cond", self._cond)]
 
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
         g = self.config.guidance_scale

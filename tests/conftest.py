@@ -23,7 +23,6 @@ def cache_dir(tmp_path_factory) -> Path:
 def tiny(cache_dir):
     from tokenflow.models import load_model
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     return load_model("tiny", device="cpu", dtype="float32", cache_dir=str(cache_dir))
 
 

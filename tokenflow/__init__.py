@@ -6,6 +6,7 @@ from .inversion import DDIMInverter, InversionResult, Inverter, reconstruct
 from .keyframes import FixedKeyframes, KeyframeSchedule, RandomKeyframes
 from .layout import UNetLayout
 from .models import DiffusionModel, load_model
+from .nulltext import NullTextInverter, sample_with_null_text
 from .pipeline import EditResult, TokenFlowPipeline, invert_video
 from .propagation import NoPropagation, Propagator, TokenFlowPropagator
 from .search import NeighbourSearch, TorchNeighbourSearch
@@ -15,7 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Branch", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult", "FixedKeyframes",
     "InversionCache", "InversionResult", "Inverter", "KeyframeEditor", "KeyframeSchedule", "ModelLoadError",
-    "NeighbourSearch", "NoPropagation", "Propagator", "RandomKeyframes", "Step", "TokenFlowError",
+    "NeighbourSearch", "NoPropagation", "NullTextInverter", "Propagator", "RandomKeyframes", "Step", "TokenFlowError",
     "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "UNetLayout", "Video", "VideoError",
-    "invert_video", "load_model", "read_video", "reconstruct", "write_frames", "write_video",
+    "invert_video", "load_model", "read_video", "reconstruct", "sample_with_null_text", "write_frames", "write_video",
 ]

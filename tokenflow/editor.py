@@ -24,9 +24,11 @@ SOURCE = "source"  # name of the branch that carries the inverted source video
 class Branch:
     """One conditioning branch of the UNet batch.
 
-    embedding: (1, L, D) text embedding. latents: ``"edit"`` (the latents being edited) or
-    ``"source"`` (the inverted source latents at the current timestep). joint: keyframes of this
-    branch attend to each other (extended self-attention); the source branch stays per-frame.
+    embedding: (1, L, D) text embedding shared by all frames, or (N, L, D) one per frame of the video
+    (e.g. null-text embeddings), indexed by the frames of each UNet call. latents: ``"edit"`` (the
+    latents being edited) or ``"source"`` (the inverted source latents at the current timestep).
+    joint: keyframes of this branch attend to each other (extended self-attention); the source branch
+    stays per-frame.
     """
 
     name: str

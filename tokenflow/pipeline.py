@@ -79,7 +79,8 @@ class TokenFlowPipeline:
         """Noise predictions by branch for edited latents ``x`` (F, 4, h, w) of ``step.frames``."""
         frames = step.frames.cpu()
         latents = [x if b.latents == "edit" else inversion.at(step.timestep, frames).to(x) for b in step.branches]
-        emb = torch.cat([b.embedding.expand(len(frames), -1, -1) for b in step.branches])
+        emb = torch.cat([b.embedding[frames.to(b.embedding.device)] if b.embedding.shape[0] > 1
+                         else b.embedding.expand(len(frames), -1, -1) for b in step.branches])
         eps = self.model.unet(torch.cat(latents).to(self.model.dtype), step.timestep,
                               encoder_hidden_states=emb.to(self.model.dtype)).sample
         self.unet_evaluations += eps.shape[0]

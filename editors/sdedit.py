@@ -1,0 +1,110 @@
+"""SDEdit (Meng et al., 2022) as a TokenFlow keyframe editor: re-noise the input part-way, denoise to the prompt.
+
+**Start.** With an n-step grid (noisiest first) and ``strength`` s the edit runs the last
+k = round(s·n) steps, ``timesteps[n - k:]`` (``start_slicing="exact"``): s = 1.0 runs all n steps
+from t=981 (50 steps), s = 0.9 runs 45 steps from t=881, s = 0 runs none and returns the input
+latents z0 unchanged. The official ``run_tokenflow_sdedit.py`` slices ``timesteps[int(1 - s·n):]``,
+one step short: 44 steps from t=861 for 0.9, and 49 steps for 1.0 (t=981 dropped);
+``start_slicing="reference"`` reproduces that slice exactly (including its quirks at small s:
+``int(1 - s·n)`` is 1 for s = 0, i.e. 49 steps, and 0 for s·n < 1, i.e. all steps).
+
+**Noise.** x_start = √ᾱ·z0 + √(1-ᾱ)·ε at the first edited timestep. ``noise="inversion"``: ε is the
+noise for which the noisiest kept inverted latent equals ``add_noise(z0, ε, t_noisiest)`` (the official
+``get_ddim_eps``). ``noise="random"``: ε from a generator seeded with ``seed``, one draw shared by all
+frames (what the official ``use_ddim_noise: False`` branch meant to do; it crashes there).
+
+**Branches.** ``uncond`` (negative prompt, or the null-text embeddings of a null-text inversion when
+the negative prompt is empty) and ``cond`` (target prompt), classifier-free guidance. SDEdit injects
+nothing (``needs_source = False``), but ``TokenFlowPropagator`` needs source features for its
+correspondences, so the pipeline then carries a third branch, the inverted source latents with the
+inversion prompt: 3·(K + N) image-UNet evaluations per step for N frames and K keyframes, against
+2·(K + N) without it (+50 %) and 2·N per step for ``NoPropagation`` (tests/test_sdedit.py counts them).
+A cheaper source-free option would need the attention processors to take correspondence features
+from an edit branch; ``source_branch`` accepts only ``"auto"`` (the pipeline decides) for now.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from tokenflow.ddim import add_noise, noise_from_latent
+from tokenflow.editor import Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.errors import ConfigError
+from tokenflow.nulltext import UnconditionalEmbedding
+
+
+@dataclass
+class SDEditConfig:
+    strength: float = 0.9          # fraction of the grid denoised: runs the last round(strength·n) steps
+    guidance_scale: float = 7.5    # classifier-free guidance weight
+    noise: str = "inversion"       # inversion | random: where the re-noising ε comes from
+    seed: int = 0                  # generator seed for noise="random"
+    start_slicing: str = "exact"   # exact | reference (official timesteps[int(1 - strength·n):], one step short)
+    source_branch: str = "auto"    # auto: the pipeline adds the source branch when the propagator needs it
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.strength <= 1.0:
+            raise ConfigError(f"editor.strength={self.strength} must be in [0, 1] — it is the fraction of the "
+                              "denoising steps run, e.g. 0.9")
+        if self.guidance_scale < 0:
+            raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
+        if self.noise not in ("inversion", "random"):
+            raise ConfigError(f"editor.noise={self.noise!r} is unknown — use 'inversion' or 'random'")
+        if self.start_slicing not in ("exact", "reference"):
+            raise ConfigError(f"editor.start_slicing={self.start_slicing!r} is unknown — use 'exact' or 'reference'")
+        if self.source_branch != "auto":
+            raise ConfigError(f"editor.source_branch={self.source_branch!r} is not supported — use 'auto' "
+                              "(the pipeline adds the source branch only for TokenFlowPropagator)")
+
+
+def start_index(strength: float, n: int, slicing: str = "exact") -> int:
+    """Index into an n-step grid (noisiest first) where SDEdit starts; ``n`` means no steps."""
+    if slicing == "reference":  # Python slice semantics of timesteps[int(1 - strength * n):]
+        m = int(1 - strength * n)
+        return max(n + m, 0) if m < 0 else min(m, n)
+    return n - math.floor(strength * n + 0.5)
+
+
+class SDEditEditor(KeyframeEditor):
+    """SDEdit: start from re-noised input latents part-way down the grid, CFG towards the prompt."""
+
+    needs_source = False
+    Config = SDEditConfig
+
+    def __init__(self, **config) -> None:
+        self.config = SDEditConfig(**config)
+        self._uncond: UnconditionalEmbedding | None = None
+        self._cond: Tensor | None = None
+
+    def prepare(self, inputs: EditInputs) -> None:
+        self._uncond = UnconditionalEmbedding(inputs)
+        self._cond = inputs.model.encode_text(inputs.prompt)
+
+    def timesteps(self, grid: list[int]) -> list[int]:
+        return grid[start_index(self.config.strength, len(grid), self.config.start_slicing):]
+
+    def noise(self, inputs: EditInputs) -> Tensor:
+        """ε (N, 4, h, w), float32 on CPU, used to re-noise the input latents."""
+        inv, z0 = inputs.inversion, inputs.inversion.clean.float()
+        if self.config.noise == "inversion":
+            t = inv.timesteps[0]
+            return noise_from_latent(inputs.model.scheduler, z0, inv.at(t).float(), t)
+        g = torch.Generator().manual_seed(self.config.seed)
+        return torch.randn((1, *z0.shape[1:]), generator=g).expand_as(z0).clone()
+
+    def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
+        """z0 re-noised to ``timesteps[0]`` (N, 4, h, w); z0 itself when there are no steps."""
+        z0 = inputs.inversion.clean.float()
+        if not timesteps:
+            return z0.clone()
+        return add_noise(inputs.model.scheduler, z0, self.noise(inputs), timesteps[0])
+
+    def branches(self, step: Step) -> list[Branch]:
+        return [Branch("uncond", self._uncond.at(step.timestep)), Branch("cond", self._cond)]
+
+    def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
+        g = self.config.guidance_scale
+        return eps["uncond"] + g * (eps["cond"] - eps["uncond"])

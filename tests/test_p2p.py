@@ -1,0 +1,224 @@
+"""Prompt-to-Prompt editor on the tiny model: exact reproduction, token logic, processors, LocalBlend."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import needs_data
+from editors import PromptToPromptEditor
+from editors.p2p_control import LocalBlend, P2PCrossAttention
+from tokenflow import (ConfigError, DDIMInverter, NoPropagation, RandomKeyframes, TokenFlowPipeline,
+                       TokenFlowPropagator, Video, invert_video)
+from tokenflow.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
+from tokenflow.editor import SOURCE, Branch, EditInputs, Step
+from tokenflow.inversion import InversionResult
+from tokenflow.layout import UNetLayout
+
+STEPS = 5
+
+
+def _trajectory(model, x, prompt: str) -> InversionResult:
+    """Plain DDIM sampling (guidance 1, default processors) from x, kept as an 'inversion' to follow."""
+    timesteps = ddim_timesteps(model.scheduler, STEPS)
+    cond = model.encode_text(prompt)
+    kept = []
+    with torch.no_grad():
+        for i, t in enumerate(timesteps):
+            kept.append(x)
+            eps = model.unet(x, t, encoder_hidden_states=cond.expand(len(x), -1, -1)).sample
+            x = ddim_step(x, eps, alpha_bar(model.scheduler, t), alpha_bar(model.scheduler, previous_timestep(timesteps, i)))
+    return InversionResult(timesteps, torch.stack(kept), x, prompt, {"keep_steps": STEPS})
+
+
+def _prepared(model, prompt: str, source: str, **config) -> PromptToPromptEditor:
+    editor = PromptToPromptEditor(**config)
+    inversion = InversionResult([1], torch.zeros(1, 1, 4, 8, 8), torch.zeros(1, 4, 8, 8), source, {})
+    editor.prepare(EditInputs(model, inversion, prompt, "", source, [1]))
+    return editor
+
+
+def test_same_prompt_reproduces_the_source_generation(tiny):
+    """Source = a DDIM sample of the prompt; target prompt = source prompt → the target is that sample."""
+    inversion = _trajectory(tiny, torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), "a cat on a mat")
+    editor = PromptToPromptEditor(guidance_scale=1.0, cross_replace_steps=1.0, self_replace_steps=1.0)
+    out = TokenFlowPipeline(tiny, editor, NoPropagation(), n_steps=STEPS).edit(
+        inversion, "a cat on a mat", "", progress=False).latents
+    # measured 2.9e-6: explicit softmax attention vs the default SDPA processors, over 5 steps
+    assert torch.allclose(out, inversion.clean, atol=2e-5, rtol=0), float((out - inversion.clean).abs().max())
+
+
+def test_word_swap_mapper_and_alpha_window(tiny):
+    editor = _prepared(tiny, "a dog on a mat", "a cat on a mat", mode="replace", cross_replace_steps=0.8)
+    edit = editor._edit
+    assert torch.equal(edit.mapper, torch.arange(77)) and torch.all(edit.inject == 1)
+    steps = [Step(i, 0, STEPS, "frames", torch.arange(1), torch.arange(0)) for i in range(STEPS)]
+    assert [edit.active(s) for s in steps] == [True, True, True, True, False]  # int(5 * 0.8) = 4 steps
+    base, target = torch.rand(2, 3, 6, 77).softmax(-1).unbind(0)
+    assert torch.equal(edit(base, target), base)
+
+
+def test_refine_aligns_tokens_new_words_keep_their_maps(tiny):
+    edit = _prepared(tiny, "a fluffy cat", "a cat", mode="refine")._edit
+    # <start> a fluffy cat <end> ← <start> a cat <end>; padding follows the source's padding
+    assert edit.mapper[:6].tolist() == [0, 1, -1, 2, 3, 4]
+    assert edit.inject[:5].tolist() == [1, 1, 0, 1, 1]
+    base, target = torch.rand(2, 2, 4, 77).unbind(0)
+    new = edit(base, target)
+    assert torch.equal(new[..., 2], target[..., 2]) and torch.equal(new[..., 3], base[..., 2])
+
+
+def test_reweight_scales_the_right_token(tiny):
+    edit = _prepared(tiny, "a cat on a mat", "a cat on a mat", mode="reweight", equalizer={"cat": 2.0})._edit
+    expected = torch.ones(77)
+    expected[2] = 2.0  # <start> a cat ...
+    assert torch.equal(edit.equalizer, expected)
+    base, target = torch.rand(2, 2, 4, 77).unbind(0)
+    assert torch.equal(edit(base, target), target * expected)  # reweight alone injects nothing
+
+
+def test_processor_gives_target_the_source_maps_with_its_own_values(tiny):
+    """One attn2 layer, batch [source, cond] of the same tokens: cond output = source probs @ cond values."""
+    editor = _prepared(tiny, "a dog on a mat", "a cat on a mat", guidance_scale=1.0)
+    name = "down_blocks.2.attentions.0.transformer_blocks.0.attn2"
+    attn = tiny.unet.get_submodule(name)
+    emb = torch.cat([editor._embeddings[SOURCE], editor._embeddings["cond"]])
+    step = Step(0, 500, STEPS, "frames", torch.arange(1), torch.arange(0),
+                (Branch(SOURCE, emb[:1], "source"), Branch("cond", emb[1:])))
+    proc = P2PCrossAttention(name, attn.processor, editor._edit, None, lambda: step, "cond")
+    x = torch.randn(1, 16, attn.to_q.in_features).expand(2, -1, -1)
+    with torch.no_grad():
+        out = proc(attn, x, emb)
+        q, k, v = (attn.head_to_batch_dim(t) for t in (attn.to_q(x), attn.to_k(emb), attn.to_v(emb)))
+        probs = attn.get_attention_scores(q, k).unflatten(0, (2, attn.heads))
+        expected = attn.to_out[1](attn.to_out[0](attn.batch_to_head_dim(torch.bmm(probs[0], v.unflatten(0, (2, -1))[1]))))
+        plain = attn.processor(attn, x, encoder_hidden_states=emb)
+    assert torch.allclose(out[1], expected[0], atol=1e-5) and torch.allclose(out[0], plain[0], atol=1e-5)
+    assert not torch.allclose(out[1], plain[1], atol=1e-3)  # the controlled target differs from plain attention
+
+
+def test_self_attention_replacement_swaps_source_qk_into_cond_at_coarse_layers(tiny):
+    editor = _prepared(tiny, "a dog on a mat", "a cat on a mat", self_replace_steps=0.4)
+    layout = UNetLayout.from_unet(tiny.unet)
+    before = dict(tiny.unet.attn_processors)
+    handles = editor.install(tiny.unet, layout, lambda: None)
+    assert all(isinstance(tiny.unet.get_submodule(n).processor, P2PCrossAttention) for n in layout.cross_attention)
+    for h in handles:
+        h.remove()
+    assert all(tiny.unet.attn_processors[k] is v for k, v in before.items())
+    # two 2x downsamplings below the latent, as P2P's <= 16x16 at 512 px: down 2, mid, up 1
+    assert sorted({n.split(".attentions")[0] for n in editor._self_layers}) == ["down_blocks.2", "mid_block", "up_blocks.1"]
+    layer = next(iter(editor._self_layers))
+    emb = editor._embeddings[SOURCE]
+    branches = (Branch(SOURCE, emb, "source"), Branch("uncond", emb), Branch("cond", emb))
+    q, k, v = torch.randn(3, 3, 2, 4, 8).unbind(0)
+    for index, replaced in ((1, True), (2, False)):  # int(5 * 0.4) = 2 steps
+        step = Step(index, 0, STEPS, "keyframes", torch.arange(2), torch.arange(2), branches)
+        q2, k2, v2 = editor.self_attention(layer, q, k, v, step)
+        assert torch.equal(q2[2], q[0]) == replaced and torch.equal(k2[2], k[0]) == replaced
+        assert torch.equal(q2[:2], q[:2]) and torch.equal(k2[:2], k[:2]) and v2 is v
+    assert editor.self_attention("down_blocks.0.attentions.0.transformer_blocks.0.attn1", q, k, v, step)[0] is q
+
+
+def test_null_text_embeddings_replace_an_empty_negative_prompt(tiny):
+    null = torch.randn(2, 3, 77, tiny.unet.config.cross_attention_dim)
+    inversion = InversionResult([21, 1], torch.zeros(2, 3, 4, 8, 8), torch.zeros(3, 4, 8, 8), "a cat", {},
+                                {"null_embeddings": null})
+    editor = PromptToPromptEditor()
+    editor.prepare(EditInputs(tiny, inversion, "a dog", "", "a cat", [21, 1]))
+    step = Step(1, 1, 2, "propagate", torch.tensor([0, 2]), torch.tensor([0]))
+    uncond = {b.name: b for b in editor.branches(step)}["uncond"].embedding
+    assert torch.equal(uncond, null[1])  # the per-frame table (N, L, D); the pipeline takes the call's frames
+    editor.prepare(EditInputs(tiny, inversion, "a dog", "ugly", "a cat", [21, 1]))  # a negative prompt wins
+    assert torch.equal({b.name: b for b in editor.branches(step)}["uncond"].embedding, tiny.encode_text("ugly"))
+
+
+def test_unequal_token_counts_in_replace_mode_fail(tiny):
+    with pytest.raises(ConfigError, match=r"2 tokens in 'a cat' and 3 in 'a fluffy cat'"):
+        _prepared(tiny, "a fluffy cat", "a cat", mode="replace")
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"mode": "swap"}, "editor.mode='swap'"), ({"cross_replace_steps": 1.5}, "cross_replace_steps=1.5"),
+    ({"blend_threshold": 1.0}, "blend_threshold=1.0"), ({"mode": "reweight"}, "empty equalizer"),
+    ({"equalizer": {"cat": -1.0}}, r"equalizer\['cat'\]=-1.0")])
+def test_invalid_settings_fail_with_the_value(config, message):
+    with pytest.raises(ConfigError, match=message):
+        PromptToPromptEditor(**config)
+
+
+def test_unknown_words_fail(tiny):
+    with pytest.raises(ConfigError, match="'dog' does not occur"):
+        _prepared(tiny, "a cat", "a cat", equalizer={"dog": 2.0})
+    with pytest.raises(ConfigError, match="'dog' occurs in neither"):
+        _prepared(tiny, "a cat", "a cat", blend_words=["dog"])
+
+
+def test_local_blend_mask_geometry():
+    """A hot token at (1, 1) of a 4x4 map (level 2 of a 16x16 latent) → 3x3 max-pool → 12x12 block."""
+    blend = LocalBlend([1], [1], frozenset({"l"}), level=2, threshold=0.3)
+    step = Step(0, 1, 1, "frames", torch.arange(1), torch.arange(0))
+    maps = torch.zeros(1, 2, 16, 3)
+    maps[0, :, 5, 1] = 1.0  # token 1 attends to position (1, 1) in both heads
+    blend.record("l", step, maps, torch.zeros_like(maps))
+    mask = blend.mask(step, (16, 16))
+    expected = torch.zeros(16, 16)
+    expected[:12, :12] = 1
+    assert torch.equal(mask[0, 0], expected)
+
+
+@pytest.fixture(scope="module")
+def wolf_edit(tiny, wolf8):
+    """4 wolf frames through TokenFlow + P2P (refine, reweight, LocalBlend), recording masks and processors.
+
+    LocalBlend's mask is the real one with its left half cleared: the blend must keep the source there.
+    """
+    video = Video.from_tensor(wolf8.to_tensor()[:4], fps=wolf8.fps)
+    inversion = invert_video(tiny, video, DDIMInverter(n_steps=STEPS, keep_steps=STEPS), "a wolf", progress=False)[0]
+    editor = PromptToPromptEditor(mode="refine", equalizer={"fluffy": 2.0}, blend_words=["wolf"])
+    pipe = TokenFlowPipeline(tiny, editor, TokenFlowPropagator(), RandomKeyframes(2, seed=0), n_steps=STEPS, chunk_size=2)
+    masks, original_mask = [], LocalBlend.mask
+
+    def record(self, step, size):
+        # the tiny random model's word maps are near uniform (the real mask is ~all ones): keep the left half
+        # of the real mask so that the outside is not empty
+        mask = original_mask(self, step, size)
+        mask[..., : size[1] // 2] = 0
+        masks.append((step.index, step.phase, step.frames.clone(), mask))
+        return mask
+
+    g = torch.Generator().manual_seed(0)
+    x, emb = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, tiny.unet.config.cross_attention_dim, generator=g)
+    before = dict(tiny.unet.attn_processors)
+    with torch.no_grad():
+        reference = tiny.unet(x, 501, encoder_hidden_states=emb).sample
+    LocalBlend.mask = record
+    try:
+        result = pipe.edit(inversion, "a fluffy wolf", "ugly", progress=False)
+    finally:
+        LocalBlend.mask = original_mask
+    with torch.no_grad():
+        after = tiny.unet(x, 501, encoder_hidden_states=emb).sample
+    return dict(result=result, inversion=inversion, masks=masks, before=before, reference=reference, after=after)
+
+
+@needs_data
+def test_tokenflow_pipeline_runs_and_restores_the_unet(tiny, wolf_edit):
+    assert torch.isfinite(wolf_edit["result"].latents).all()
+    assert set(tiny.unet.attn_processors) == set(wolf_edit["before"])
+    assert all(tiny.unet.attn_processors[k] is v for k, v in wolf_edit["before"].items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.unet.modules())
+    assert torch.equal(wolf_edit["reference"], wolf_edit["after"])
+
+
+@needs_data
+def test_local_blend_keeps_the_source_outside_the_mask(wolf_edit):
+    latents, clean = wolf_edit["result"].latents, wolf_edit["inversion"].clean
+    last = [(frames, mask) for index, phase, frames, mask in wolf_edit["masks"] if index == STEPS - 1 and phase == "propagate"]
+    assert torch.cat([f for f, _ in last]).tolist() == [0, 1, 2, 3]
+    for frames, mask in last:
+        outside = (mask == 0).expand(-1, 4, -1, -1)
+        assert 0 < outside.float().mean() < 1, float(outside.float().mean())
+        assert torch.equal(latents[frames][outside], clean[frames][outside])
+        assert not torch.equal(latents[frames][~outside], clean[frames][~outside])
