@@ -238,3 +238,33 @@ def test_faiss_gpu_flat_matches_torch_on_cuda():
     t_index, t_sim = TorchNeighbourSearch().search(queries, keys)
     assert_matches(index.cpu(), sim.cpu(), queries.cpu(), keys.cpu())
     torch.testing.assert_close(sim, t_sim, atol=1e-5, rtol=0)
+
+
+
+@pytest.fixture(scope="module")
+def wolf_tokens(tiny, wolf8):
+    """layer -> source self-attention input tokens (8, S, C) of wolf8 at the first of 2 DDIM steps."""
+    from tokenflow.correspondence import source_tokens
+    from tokenflow.inversion import DDIMInverter
+    from tokenflow.pipeline import invert_video
+
+    inversion = invert_video(tiny, wolf8, DDIMInverter(n_steps=2, keep_steps=2), "a wolf", progress=False)[0]
+    return {layer: source_tokens(tiny, inversion, layer, inversion.timesteps[0]).float() for layer in (0, 6, 13)}
+
+
+@needs_faiss
+@pytest.mark.parametrize("layer", [0, 6, 13])  # 16x16, 2x2 (mid block) and 16x16 decoder tokens
+def test_faiss_matches_torch_on_real_tiny_model_tokens(wolf_tokens, layer):
+    """The propagation's shapes on real diffusion features: all frames' tokens vs each keyframe's."""
+    tokens = wolf_tokens[layer]                                                       # (8, S, C)
+    keys = tokens[[1, 5]]                                                             # (2, S, C)
+    queries = tokens.reshape(1, -1, tokens.shape[-1]).expand(2, -1, -1)              # (2, 8*S, C)
+    t_index, t_sim = TorchNeighbourSearch(max_block_elements=4096).search(queries, keys)
+    f_index, f_sim = FaissNeighbourSearch("flat", max_block_elements=4096).search(queries, keys)
+    assert_matches(t_index, t_sim, queries, keys)
+    assert_matches(f_index, f_sim, queries, keys)
+    torch.testing.assert_close(f_sim, t_sim, atol=1e-5, rtol=0)
+    own = t_index.view(2, 8, -1)[[0, 1], [1, 5]]  # a keyframe's tokens match themselves
+    assert torch.equal(own, torch.arange(keys.shape[1]).expand(2, -1))
+    hnsw, _ = FaissNeighbourSearch("hnsw").search(queries, keys)
+    assert recall_at_1(hnsw, t_index) > 0.9
