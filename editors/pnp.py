@@ -15,9 +15,10 @@ import torch
 from torch import Tensor
 
 from tokenflow.ddim import add_noise, noise_from_latent
-from tokenflow.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.editor import SOURCE, EditInputs, Step
 from tokenflow.errors import ConfigError
-from tokenflow.nulltext import UnconditionalEmbedding
+
+from .guided import GuidedEditor
 
 
 @dataclass
@@ -43,7 +44,7 @@ class PnPConfig:
             raise ConfigError(f"editor.initial_latent={self.initial_latent!r} is unknown — use 'inverted' or 'renoised'")
 
 
-class PnPEditor(KeyframeEditor):
+class PnPEditor(GuidedEditor):
     """PnP feature and self-attention injection from the source branch, with CFG."""
 
     needs_source = True
@@ -51,13 +52,7 @@ class PnPEditor(KeyframeEditor):
 
     def __init__(self, **config) -> None:
         self.config = PnPConfig(**config)
-        self._uncond: UnconditionalEmbedding | None = None
-        self._cond: Tensor | None = None
         self._attn_layers: frozenset[str] = frozenset()
-
-    def prepare(self, inputs: EditInputs) -> None:
-        self._uncond = UnconditionalEmbedding(inputs)  # null-text embeddings if inverted so and no negative prompt
-        self._cond = inputs.model.encode_text(inputs.prompt)
 
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
         if self.config.initial_latent == "inverted":
@@ -66,13 +61,6 @@ class PnPEditor(KeyframeEditor):
         noisiest = max(inv.timesteps)
         eps = noise_from_latent(scheduler, inv.clean, inv.at(noisiest), noisiest)
         return add_noise(scheduler, inv.clean, eps, timesteps[0])
-
-    def branches(self, step: Step) -> list[Branch]:
-        return [Branch("uncond", self._uncond.at(step.timestep)), Branch("cond", self._cond)]
-
-    def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
-        g = self.config.guidance_scale
-        return eps["uncond"] + g * (eps["cond"] - eps["uncond"])
 
     def _active(self, fraction: float, step: Step) -> bool:
         return step.index < int(step.n_steps * fraction)

@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from tokenflow.ddim import add_noise, noise_from_latent
-from tokenflow.editor import Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.editor import EditInputs
 from tokenflow.errors import ConfigError
-from tokenflow.nulltext import UnconditionalEmbedding
+
+from .guided import GuidedEditor
 
 
 @dataclass
@@ -68,7 +69,7 @@ def start_index(strength: float, n: int, slicing: str = "exact") -> int:
     return n - math.floor(strength * n + 0.5)
 
 
-class SDEditEditor(KeyframeEditor):
+class SDEditEditor(GuidedEditor):
     """SDEdit: start from re-noised input latents part-way down the grid, CFG towards the prompt."""
 
     needs_source = False
@@ -76,12 +77,6 @@ class SDEditEditor(KeyframeEditor):
 
     def __init__(self, **config) -> None:
         self.config = SDEditConfig(**config)
-        self._uncond: UnconditionalEmbedding | None = None
-        self._cond: Tensor | None = None
-
-    def prepare(self, inputs: EditInputs) -> None:
-        self._uncond = UnconditionalEmbedding(inputs)
-        self._cond = inputs.model.encode_text(inputs.prompt)
 
     def timesteps(self, grid: list[int]) -> list[int]:
         return grid[start_index(self.config.strength, len(grid), self.config.start_slicing):]
@@ -101,10 +96,3 @@ class SDEditEditor(KeyframeEditor):
         if not timesteps:
             return z0.clone()
         return add_noise(inputs.model.scheduler, z0, self.noise(inputs), timesteps[0])
-
-    def branches(self, step: Step) -> list[Branch]:
-        return [Branch("uncond", self._uncond.at(step.timestep)), Branch("cond", self._cond)]
-
-    def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
-        g = self.config.guidance_scale
-        return eps["uncond"] + g * (eps["cond"] - eps["uncond"])

@@ -36,6 +36,35 @@ def wolf8():
     return read_video(DATA / "wolf.mp4", n_frames=8, height=128, width=128)
 
 
+class UNetCounter:
+    """Counts UNet forward calls and batch elements through a forward pre-hook (a context manager)."""
+
+    def __init__(self, unet):
+        self.calls, self.samples = 0, 0
+        self.handle = unet.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+        self.samples += args[0].shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def translating_clip(n: int = 12, h: int = 64, w: int = 128, shift: int = 2, seed: int = 0) -> np.ndarray:
+    """(n, h, w, 3) uint8: a smooth random texture moving left by ``shift`` px per frame."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    canvas_w = w + shift * n
+    coarse = rng.uniform(0, 255, (h // 8, canvas_w // 8 + 1, 3)).astype(np.float32)
+    canvas = cv2.resize(coarse, (canvas_w, h), interpolation=cv2.INTER_CUBIC)
+    return np.stack([np.clip(canvas[:, t * shift : t * shift + w], 0, 255).astype(np.uint8) for t in range(n)])
+
+
 def translation_clip(n: int = 4, size: int = 128, shift: int = 8, seed: int = 0):
     """A Video whose frame i is a textured image circularly shifted right by ``i * shift`` pixels."""
     from tokenflow.video import Video

@@ -4,28 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import needs_data
+from conftest import UNetCounter, needs_data
 from tokenflow import DDIMInverter, InversionCache, invert_video, reconstruct
 from tokenflow.ddim import ddim_timesteps
 from tokenflow.errors import ConfigError
 from tokenflow.video import Video
-
-
-class UNetCounter:
-    """Counts UNet forward calls through a forward pre-hook."""
-
-    def __init__(self, unet):
-        self.calls = 0
-        self.handle = unet.register_forward_pre_hook(self._count)
-
-    def _count(self, *_):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 @needs_data

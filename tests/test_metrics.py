@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -13,19 +11,9 @@ import torch
 from tokenflow.errors import ConfigError, VideoError
 from tokenflow.metrics import optical_flow, psnr, warp_error, warp_metric_name
 from tokenflow.video import Video, read_video
+from conftest import DATA, needs_data, translating_clip
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test videos not found at {DATA} (shared data folder absent)")
 METHODS = ["farneback", "dis"]
-
-
-def translating_clip(n: int = 8, h: int = 64, w: int = 128, shift: int = 3, seed: int = 0) -> np.ndarray:
-    """(n, h, w, 3) uint8: a smooth random texture moving left by ``shift`` px per frame."""
-    rng = np.random.default_rng(seed)
-    canvas_w = w + shift * n
-    coarse = rng.uniform(0, 255, (h // 8, canvas_w // 8 + 1, 3)).astype(np.float32)
-    canvas = cv2.resize(coarse, (canvas_w, h), interpolation=cv2.INTER_CUBIC)
-    return np.stack([np.clip(canvas[:, t * shift : t * shift + w], 0, 255).astype(np.uint8) for t in range(n)])
 
 
 def flicker(frames: np.ndarray, amount: float = 0.2, seed: int = 1) -> np.ndarray:
@@ -36,7 +24,7 @@ def flicker(frames: np.ndarray, amount: float = 0.2, seed: int = 1) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def clip() -> np.ndarray:
-    return translating_clip()
+    return translating_clip(n=8, shift=3)
 
 
 # --- psnr ---------------------------------------------------------------------------------------

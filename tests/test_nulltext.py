@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DATA, needs_data
+from conftest import UNetCounter, DATA, needs_data
 from editors import PnPEditor, SDEditEditor
 from tokenflow import (DDIMInverter, InversionCache, NoPropagation, NullTextInverter, TokenFlowPipeline, invert_video,
                        sample_with_null_text)
@@ -16,21 +16,6 @@ from tokenflow.nulltext import NULL_EMBEDDINGS
 from tokenflow.video import Video
 
 STEPS = 5
-
-
-class UNetCounter:
-    def __init__(self, unet):
-        self.calls = 0
-        self.handle = unet.register_forward_pre_hook(self._count)
-
-    def _count(self, *_):
-        self.calls += 1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 def _clip(n=2, seed=0):

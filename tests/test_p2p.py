@@ -1,7 +1,6 @@
 """Prompt-to-Prompt editor on the tiny model: exact reproduction, token logic, processors, LocalBlend."""
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch

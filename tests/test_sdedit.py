@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from conftest import translation_clip
+from conftest import UNetCounter, translation_clip
 from editors import SDEditEditor
 from tokenflow import (DDIMInverter, FixedKeyframes, NoPropagation, TokenFlowPipeline, TokenFlowPropagator,
                        invert_video)
@@ -15,24 +15,6 @@ from tokenflow.editor import EditInputs
 from tokenflow.errors import ConfigError
 
 STEPS = 6
-
-
-class UNetCounter:
-    """Counts UNet forward calls and batch elements through a forward pre-hook."""
-
-    def __init__(self, unet):
-        self.calls, self.samples = 0, 0
-        self.handle = unet.register_forward_pre_hook(self._count)
-
-    def _count(self, module, args):
-        self.calls += 1
-        self.samples += args[0].shape[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
 
 
 @pytest.fixture(scope="module")

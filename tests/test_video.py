@@ -20,19 +20,9 @@ from tokenflow.video import (
     write_frames,
     write_video,
 )
+from conftest import DATA, needs_data, translating_clip
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test videos not found at {DATA} (shared data folder absent)")
 BACKENDS = ["decord", "pyav"]
-
-
-def translating_clip(n: int = 12, h: int = 64, w: int = 128, shift: int = 2, seed: int = 0) -> np.ndarray:
-    """(n, h, w, 3) uint8: a smooth random texture moving left by ``shift`` px per frame."""
-    rng = np.random.default_rng(seed)
-    canvas_w = w + shift * n
-    coarse = rng.uniform(0, 255, (h // 8, canvas_w // 8 + 1, 3)).astype(np.float32)
-    canvas = cv2.resize(coarse, (canvas_w, h), interpolation=cv2.INTER_CUBIC)
-    return np.stack([np.clip(canvas[:, t * shift : t * shift + w], 0, 255).astype(np.uint8) for t in range(n)])
 
 
 def luma(frames: np.ndarray) -> np.ndarray:

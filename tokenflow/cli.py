@@ -64,7 +64,6 @@ def _outputs(cfg: DictConfig) -> Path:
 
 def run_invert(cfg: DictConfig) -> dict[str, Any]:
     """Invert and reconstruct; report PSNR of the reconstruction."""
-    import torch
 
     from .config import build
     from .inversion import reconstruct
