@@ -31,6 +31,7 @@ def run_one(name: str, overrides: list[str], args: dict, queue) -> None:
 
     import tokenflow.config  # noqa: F401
     from tokenflow import TokenFlowPipeline, invert_video, read_video
+    from tokenflow.video import round_frames_down
     from tokenflow.config import build
     from tokenflow.ddim import ddim_timesteps
     from tokenflow.inversion import sample
@@ -44,7 +45,7 @@ def run_one(name: str, overrides: list[str], args: dict, queue) -> None:
                                          with_kwargs=True)
     video = read_video(cfg.video, n_frames=cfg.n_frames, height=args["size"], width=args["size"])
     if cfg.round_frames_down:
-        video.frames = video.frames[: video.n_frames - video.n_frames % cfg.keyframe_stride]
+        video = round_frames_down(video, cfg.keyframe_stride)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     inverter = build(cfg.inverter)

@@ -242,3 +242,13 @@ def test_write_rejects_non_mp4(clip: np.ndarray, tmp_path: Path) -> None:
         write_video(tmp_path / "out.avi", clip, fps=10.0)
     with pytest.raises(ConfigError, match="fps=0"):
         write_video(tmp_path / "out.mp4", clip, fps=0)
+
+
+def test_round_frames_down_keeps_whole_chunks():
+    from tokenflow.video import round_frames_down
+
+    video = Video(np.zeros((19, 64, 64, 3), np.uint8), 10.0, "x")
+    assert round_frames_down(video, 8).n_frames == 16
+    assert round_frames_down(video, 1) is video
+    with pytest.raises(ConfigError, match="19 frames down to a multiple of 20 leaves none"):
+        round_frames_down(video, 20)

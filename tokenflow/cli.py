@@ -32,18 +32,15 @@ def _write_json(path: Path, data: dict) -> None:
 def _prepare(cfg: DictConfig):
     """Validate the run keys, load the model and read the video."""
     from .config import build, validate_run
-    from .errors import ConfigError
-    from .video import Video, read_video
+    from .video import read_video, round_frames_down
 
     validate_run(cfg)
     video = read_video(cfg.video, n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
-    if cfg.get("round_frames_down") and video.n_frames % cfg.keyframe_stride:
-        keep = video.n_frames - video.n_frames % cfg.keyframe_stride
-        if keep == 0:
-            raise ConfigError(f"round_frames_down leaves no frames: {video.n_frames} frames < keyframe_stride="
-                              f"{cfg.keyframe_stride} — lower keyframe_stride or read more frames")
-        log.info("round_frames_down: using %d of %d frames", keep, video.n_frames)
-        video = Video(video.frames[:keep], video.fps, video.source)
+    if cfg.get("round_frames_down"):
+        kept = round_frames_down(video, cfg.keyframe_stride)
+        if kept.n_frames != video.n_frames:
+            log.info("round_frames_down: using %d of %d frames", kept.n_frames, video.n_frames)
+        video = kept
     return build(cfg.model), video
 
 

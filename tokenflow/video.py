@@ -176,6 +176,15 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> list[Path]:
     return paths
 
 
+def round_frames_down(video: Video, multiple: int) -> Video:
+    """The first ``n_frames - n_frames % multiple`` frames (what the official TokenFlow code edits)."""
+    keep = video.n_frames - video.n_frames % multiple
+    if keep == 0:
+        raise ConfigError(f"rounding {video.n_frames} frames down to a multiple of {multiple} leaves none — "
+                          "lower keyframe_stride or read more frames")
+    return video if keep == video.n_frames else Video(video.frames[:keep], video.fps, video.source)
+
+
 def video_fingerprint(video: Video) -> str:
     """sha256 hex digest of the frame bytes, shape, dtype and fps: a content key for caches."""
     h = hashlib.sha256()
