@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from .errors import TokenFlowError
 
@@ -35,13 +36,24 @@ def _prepare(cfg: DictConfig):
     from .video import read_video, round_frames_down
 
     validate_run(cfg)
-    video = read_video(cfg.video, n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
+    video = read_video(_video_path(cfg.video), n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
     if cfg.get("round_frames_down"):
         kept = round_frames_down(video, cfg.keyframe_stride)
         if kept.n_frames != video.n_frames:
             log.info("round_frames_down: using %d of %d frames", kept.n_frames, video.n_frames)
         video = kept
     return build(cfg.model), video
+
+
+def _video_path(value: str | None) -> str:
+    """``video=`` as a path: ``sample`` (or unset) is the clip embedded in the package."""
+    from .samples import SAMPLE_DESCRIPTION, is_sample, sample_video_path
+
+    if is_sample(value):
+        path = sample_video_path()
+        print(f"video: the embedded sample clip ({SAMPLE_DESCRIPTION}) — set video=path/to/clip.mp4 for your own")
+        return str(path)
+    return str(value)
 
 
 def _cache(cfg: DictConfig):
@@ -134,13 +146,22 @@ def _guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
         logging.getLogger("tokenflow").setLevel(logging.INFO)
         try:
             return fn(cfg)
-        except TokenFlowError as e:
+        except (TokenFlowError, MissingMandatoryValue) as e:
             if cfg.get("verbose", False):
                 raise
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {_one_line(e)}", file=sys.stderr)
             sys.exit(2)
     wrapper.__name__ = fn.__name__
     return wrapper
+
+
+def _one_line(error: Exception) -> str:
+    """The user-facing line of an error; a missing mandatory value names the key and the fix."""
+    if isinstance(error, MissingMandatoryValue):
+        key = getattr(error, "full_key", None) or "?"
+        return f"{key} is not set — give it on the command line, e.g. {key}=..." + (
+            " (video=sample runs on the embedded clip)" if key == "video" else "")
+    return str(error)
 
 
 def _hydra_entry(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:

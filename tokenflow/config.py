@@ -23,7 +23,7 @@ class RunConfig:
     """Top-level keys shared by ``tokenflow-invert`` and ``tokenflow-edit``."""
 
     task: str = "edit"                  # edit | invert (names the output folder)
-    video: str = "???"                  # input video file or folder of frames
+    video: str = "sample"               # input video file, folder of frames, or "sample" (the embedded clip)
     prompt: str = ""                    # target prompt (edit)
     negative_prompt: str = "ugly, blurry, low res, unrealistic, unaesthetic"
     inversion_prompt: str = ""          # describes the input video; conditions inversion and the source branch
