@@ -1,7 +1,7 @@
-"""Keyframe-editor backends for TokenFlow: ``from editors import PnPEditor``."""
-from .guided import GuidedEditor
-from .p2p import PromptToPromptConfig, PromptToPromptEditor
-from .pnp import PnPConfig, PnPEditor
-from .sdedit import SDEditConfig, SDEditEditor
+"""Keyframe-editor backends for TokenFlow: ``from tokenflow.editors import PnPEditor``."""
+from tokenflow.core.guidance import GuidedEditor
+from tokenflow.editors.p2p import PromptToPromptConfig, PromptToPromptEditor
+from tokenflow.editors.pnp import PnPConfig, PnPEditor
+from tokenflow.editors.sdedit import SDEditConfig, SDEditEditor
 
 __all__ = ["GuidedEditor", "PnPConfig", "PnPEditor", "PromptToPromptConfig", "PromptToPromptEditor", "SDEditConfig", "SDEditEditor"]

@@ -2,18 +2,18 @@
 
 Branches of every UNet call, in order:
 
-* ``source`` (:data:`tokenflow.editor.SOURCE`): the inverted source latents at t with the *source
+* ``source`` (:data:`tokenflow.core.editor.SOURCE`): the inverted source latents at t with the *source
   prompt* (``source_prompt``, default the inversion prompt), per-frame attention. It is P2P's source
   generation — the DDIM reconstruction path, since it follows the inversion instead of being stepped —
   and also the branch TokenFlow reads correspondences from, so the pipeline adds no second one.
   The source's own CFG prediction is never used, hence no source-uncond branch.
 * ``uncond`` (only when ``guidance_scale != 1``): edited latents, negative prompt — or, when the
   negative prompt is empty and the inversion is a null-text inversion (``extras["null_embeddings"]``),
-  the per-frame null embeddings at t (:class:`tokenflow.nulltext.UnconditionalEmbedding`).
+  the per-frame null embeddings at t (:class:`tokenflow.core.nulltext.UnconditionalEmbedding`).
 * ``cond``: edited latents, target prompt. Only this branch is controlled (P2P edits the conditional half).
 
 Cross-attention (``attn2``) of ``cond`` takes the source's maps (word swap / refinement, optional
-reweighting) for the first ``cross_replace_steps``; see :mod:`editors.p2p_control`. Self-attention
+reweighting) for the first ``cross_replace_steps``; see :mod:`tokenflow.editors.p2p_control`. Self-attention
 replacement (first ``self_replace_steps``, layers at ≤ 1/4 of the latent's side, i.e. ≤ 16x16 at 512 px)
 runs through the ``self_attention`` hook, *inside* TokenFlow's processors: ``cond`` gets the source's
 queries and keys, so its attention map is the source's (P2P's replacement, exactly, for per-frame
@@ -25,7 +25,7 @@ injection); an ``equalizer`` with replace/refine scales the injected maps (P2P's
 LocalBlend (``blend_words``) keeps the source latents outside the words' mask after every DDIM step. The
 mask comes from the current UNet call's maps (not P2P's running sum over steps) at the non-mid
 cross-attention layers two downsamplings below the latent — P2P's ``down_cross[2:4] + up_cross[:3]``
-(16x16) for SD at 512 px; chosen by UNet structure (:func:`editors.p2p_control.resolution_levels`).
+(16x16) for SD at 512 px; chosen by UNet structure (:func:`tokenflow.editors.p2p_control.resolution_levels`).
 """
 from __future__ import annotations
 
@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenflow.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.errors import ConfigError
-from tokenflow.nulltext import UnconditionalEmbedding
+from tokenflow.core.nulltext import UnconditionalEmbedding
 
-from .p2p_align import equalizer, refinement_mapper, replacement_mapper, word_positions
-from .p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention, resolution_levels
+from tokenflow.editors.p2p_align import equalizer, refinement_mapper, replacement_mapper, word_positions
+from tokenflow.editors.p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention, resolution_levels
 
 MODES = ("replace", "refine", "reweight")
 TARGET = "cond"   # the controlled branch

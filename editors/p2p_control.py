@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from tokenflow.editor import SOURCE, Step
+from tokenflow.core.editor import SOURCE, Step
 from tokenflow.errors import ConfigError
 
 

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from tokenflow.ddim import add_noise, noise_from_latent
-from tokenflow.editor import SOURCE, EditInputs, Step
+from tokenflow.models.ddim import add_noise, noise_from_latent
+from tokenflow.core.editor import SOURCE, EditInputs, Step
 from tokenflow.errors import ConfigError
 
-from .guided import GuidedEditor
+from tokenflow.core.guidance import GuidedEditor
 
 
 @dataclass

@@ -30,11 +30,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenflow.ddim import add_noise, noise_from_latent
-from tokenflow.editor import EditInputs
+from tokenflow.models.ddim import add_noise, noise_from_latent
+from tokenflow.core.editor import EditInputs
 from tokenflow.errors import ConfigError
 
-from .guided import GuidedEditor
+from tokenflow.core.guidance import GuidedEditor
 
 
 @dataclass

@@ -29,14 +29,14 @@ def run_one(name: str, overrides: list[str], args: dict, queue) -> None:
     import torch
     from hydra import compose, initialize_config_module
 
-    import tokenflow.config  # noqa: F401
+    import tokenflow.cli.config  # noqa: F401
     from tokenflow import TokenFlowPipeline, invert_video, read_video
-    from tokenflow.video import round_frames_down
-    from tokenflow.config import build
-    from tokenflow.ddim import ddim_timesteps
-    from tokenflow.inversion import sample
+    from tokenflow.storage.video import round_frames_down
+    from tokenflow.cli.config import build
+    from tokenflow.models.ddim import ddim_timesteps
+    from tokenflow.core.inversion import sample
 
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
         cfg = compose(config_name="edit", overrides=[f"video={args['video']}", f"model={args['model']}",
                                                      f"n_frames={args['n_frames']}", *overrides])
     model = build(cfg.model)

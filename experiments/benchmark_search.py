@@ -36,7 +36,7 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenflow.search import (  # noqa: E402
+from tokenflow.core.search import (  # noqa: E402
     FaissNeighbourSearch, NeighbourSearch, TorchNeighbourSearch, faiss_available, recall_at_1,
 )
 

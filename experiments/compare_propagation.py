@@ -1,7 +1,7 @@
 """Temporal consistency of TokenFlow vs the per-frame baseline (``NoPropagation``): warp error.
 
 Warp error uses OpenCV optical flow on the *input* video, occlusions masked by a forward-backward
-check (see ``tokenflow.metrics.warp_error``); lower is more consistent. Numbers are not comparable
+check (see ``tokenflow.evaluation.metrics.warp_error``); lower is more consistent. Numbers are not comparable
 with RAFT-based figures in papers. Writes ``metrics.json`` into ``--out`` and prints a table.
 
     python experiments/compare_propagation.py --video ../shared/data/wolf.mp4 --model tiny
@@ -13,10 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from editors import PnPEditor
+from tokenflow.editors import PnPEditor
 from tokenflow import (InversionCache, NoPropagation, RandomKeyframes, TokenFlowPipeline, TokenFlowPropagator,
                        load_model, read_video, write_video)
-from tokenflow.metrics import warp_error
+from tokenflow.evaluation.metrics import warp_error
 from tokenflow.paths import default_cache_dir
 
 

@@ -21,7 +21,7 @@ def cache_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny(cache_dir):
-    from tokenflow.models import load_model
+    from tokenflow.models.loading import load_model
 
     return load_model("tiny", device="cpu", dtype="float32", cache_dir=str(cache_dir))
 
@@ -31,7 +31,7 @@ def wolf8():
     """The first 8 frames of wolf.mp4 at 128x128."""
     if not DATA.is_dir():
         pytest.skip(f"real test videos not found at {DATA}")
-    from tokenflow.video import read_video
+    from tokenflow.storage.video import read_video
 
     return read_video(DATA / "wolf.mp4", n_frames=8, height=128, width=128)
 
@@ -67,7 +67,7 @@ def translating_clip(n: int = 12, h: int = 64, w: int = 128, shift: int = 2, see
 
 def translation_clip(n: int = 4, size: int = 128, shift: int = 8, seed: int = 0):
     """A Video whose frame i is a textured image circularly shifted right by ``i * shift`` pixels."""
-    from tokenflow.video import Video
+    from tokenflow.storage.video import Video
 
     rng = np.random.default_rng(seed)
     coarse = torch.from_numpy(rng.uniform(-1, 1, (1, 3, size // 8, size // 8)).astype(np.float32))

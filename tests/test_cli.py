@@ -52,7 +52,7 @@ def test_invert_then_edit_end_to_end(tmp_path, cache_dir):
     assert "warp_error@opencv-farneback" in metrics and len(metrics["keyframes"]) == 20
     resolved = (out / "config.yaml").read_text()
     assert "${" not in resolved and "prompt: a robotic wolf" in resolved
-    from tokenflow.video import read_video
+    from tokenflow.storage.video import read_video
 
     edited = read_video(out / "edited.mp4", height=128, width=128)  # (the reader resizes; this checks it needs not)
     assert read_video(out / "edited.mp4", short_side=128).frames.shape == (8, 128, 128, 3)

@@ -7,14 +7,14 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import tokenflow.config  # noqa: F401  registers the run schema
-from editors import PnPEditor
-from tokenflow.config import build
+import tokenflow.cli.config  # noqa: F401  registers the run schema
+from tokenflow.editors import PnPEditor
+from tokenflow.cli.config import build
 from tokenflow.errors import ConfigError
-from tokenflow.inversion import Inverter
-from tokenflow.keyframes import KeyframeSchedule
-from tokenflow.propagation import Propagator
-from tokenflow.search import NeighbourSearch
+from tokenflow.core.inversion import Inverter
+from tokenflow.core.keyframes import KeyframeSchedule
+from tokenflow.core.propagation import Propagator
+from tokenflow.core.search import NeighbourSearch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir() and not g.name.startswith("_")}
@@ -22,7 +22,7 @@ BASES = {"inverter": Inverter, "propagator": Propagator, "search": NeighbourSear
 
 
 def _compose(name="edit", overrides=()):
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
         return compose(config_name=name, overrides=["video=x.mp4", *overrides])
 
 

@@ -1,4 +1,4 @@
-"""Correspondence fields (tokenflow.correspondence): translation recovery, storage, backends, edit equality."""
+"""Correspondence fields (tokenflow.evaluation.correspondence): translation recovery, storage, backends, edit equality."""
 from __future__ import annotations
 
 import os
@@ -9,13 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import needs_data, translation_clip
-from editors import PnPEditor
+from tokenflow.editors import PnPEditor
 from tokenflow import DDIMInverter, FixedKeyframes, TokenFlowPipeline, TokenFlowPropagator, invert_video
-from tokenflow.correspondence import (CorrespondenceField, compute_field, coordinate_colormap, plot_field,
+from tokenflow.evaluation.correspondence import (CorrespondenceField, compute_field, coordinate_colormap, plot_field,
                                       resolve_layer, similarity_heatmap, source_tokens, token_grid, warp_keyframe)
 from tokenflow.errors import ConfigError
-from tokenflow.layout import UNetLayout
-from tokenflow.search import FaissNeighbourSearch, TorchNeighbourSearch, faiss_available
+from tokenflow.models.layout import UNetLayout
+from tokenflow.core.search import FaissNeighbourSearch, TorchNeighbourSearch, faiss_available
 
 STEPS = 2
 SIDE = 16  # token grid of layer 0 for 128x128 frames (latents 16x16)
@@ -99,7 +99,7 @@ def test_save_load_round_trip_is_exact_and_atomic(tmp_path, monkeypatch):
     assert (back.layer, back.timestep, back.grid) == (field.layer, field.timestep, field.grid)
     assert os.listdir(path.parent) == ["field.safetensors"]  # no temp leftovers
 
-    import tokenflow.correspondence as corr
+    import tokenflow.evaluation.correspondence as corr
 
     def broken(tensors, filename, metadata=None):  # writes half a file, then fails
         with open(filename, "wb") as fh:

@@ -5,7 +5,7 @@ import torch
 
 from conftest import needs_data
 from tokenflow import Branch, KeyframeEditor, NoPropagation, RandomKeyframes, TokenFlowPipeline, TokenFlowPropagator
-from tokenflow.ddim import ddim_timesteps
+from tokenflow.models.ddim import ddim_timesteps
 
 
 class NegativeGuidance(KeyframeEditor):

@@ -6,9 +6,9 @@ import torch
 
 from conftest import UNetCounter, needs_data
 from tokenflow import DDIMInverter, InversionCache, invert_video, reconstruct
-from tokenflow.ddim import ddim_timesteps
+from tokenflow.models.ddim import ddim_timesteps
 from tokenflow.errors import ConfigError
-from tokenflow.video import Video
+from tokenflow.storage.video import Video
 
 
 @needs_data

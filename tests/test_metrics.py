@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.metrics import optical_flow, psnr, warp_error, warp_metric_name
-from tokenflow.video import Video, read_video
+from tokenflow.evaluation.metrics import optical_flow, psnr, warp_error, warp_metric_name
+from tokenflow.storage.video import Video, read_video
 from conftest import DATA, needs_data, translating_clip
 
 METHODS = ["farneback", "dis"]

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from tokenflow.errors import ConfigError, ModelLoadError
-from tokenflow.layout import UNetLayout
-from tokenflow.models import load_model, resolve_device, resolve_dtype
-from tokenflow.tiny import TinyModelSpec, build_tiny_pipeline
+from tokenflow.models.layout import UNetLayout
+from tokenflow.models.loading import load_model, resolve_device, resolve_dtype
+from tokenflow.models.tiny import TinyModelSpec, build_tiny_pipeline
 
 
 def _digest(folder) -> str:

@@ -1,19 +1,19 @@
-"""Null-text inversion: better reconstruction under guidance than DDIM, per-frame batching, caching, use by editors."""
+"""Null-text inversion: better reconstruction under guidance than DDIM, per-frame batching, caching, use by tokenflow.editors."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from conftest import UNetCounter, DATA, needs_data
-from editors import PnPEditor, SDEditEditor
+from tokenflow.editors import PnPEditor, SDEditEditor
 from tokenflow import (DDIMInverter, InversionCache, NoPropagation, NullTextInverter, TokenFlowPipeline, invert_video,
                        sample_with_null_text)
-from tokenflow.ddim import ddim_timesteps
-from tokenflow.editor import EditInputs, Step
+from tokenflow.models.ddim import ddim_timesteps
+from tokenflow.core.editor import EditInputs, Step
 from tokenflow.errors import ConfigError
-from tokenflow.inversion import sample
-from tokenflow.nulltext import NULL_EMBEDDINGS
-from tokenflow.video import Video
+from tokenflow.core.inversion import sample
+from tokenflow.core.nulltext import NULL_EMBEDDINGS
+from tokenflow.storage.video import Video
 
 STEPS = 5
 
@@ -30,7 +30,7 @@ def null_inversion(tiny):
 
 @needs_data
 def test_null_text_reconstructs_under_guidance_better_than_ddim(tiny):
-    from tokenflow.video import read_video
+    from tokenflow.storage.video import read_video
 
     video = read_video(DATA / "wolf.mp4", n_frames=2, height=64, width=64)
     steps, g = 10, 7.5

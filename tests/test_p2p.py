@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from conftest import needs_data
-from editors import PromptToPromptEditor
-from editors.p2p_control import LocalBlend, P2PCrossAttention
+from tokenflow.editors import PromptToPromptEditor
+from tokenflow.editors.p2p_control import LocalBlend, P2PCrossAttention
 from tokenflow import (ConfigError, DDIMInverter, NoPropagation, RandomKeyframes, TokenFlowPipeline,
                        TokenFlowPropagator, Video, invert_video)
-from tokenflow.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
-from tokenflow.editor import SOURCE, Branch, EditInputs, Step
-from tokenflow.inversion import InversionResult
-from tokenflow.layout import UNetLayout
+from tokenflow.models.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
+from tokenflow.core.editor import SOURCE, Branch, EditInputs, Step
+from tokenflow.models.trajectory import InversionResult
+from tokenflow.models.layout import UNetLayout
 
 STEPS = 5
 

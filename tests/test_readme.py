@@ -52,7 +52,7 @@ def test_first_command_runs_the_main_job_in_an_empty_folder(tmp_path, cache_dir)
     assert "embedded sample clip" in result.stdout
     runs = sorted(work.glob("outputs/edit/*/*/edited.mp4"))
     assert len(runs) == 1, runs
-    from tokenflow.video import read_video
+    from tokenflow.storage.video import read_video
 
     edited = read_video(runs[0], short_side=128)
     assert edited.frames.shape == (16, 128, 128, 3)

@@ -9,10 +9,10 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-import tokenflow.config  # noqa: F401  registers the run schema
+import tokenflow.cli.config  # noqa: F401  registers the run schema
 from conftest import needs_data
 from tokenflow import FixedKeyframes, TokenFlowPipeline, invert_video
-from tokenflow.config import build
+from tokenflow.cli.config import build
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 
@@ -36,7 +36,7 @@ def leaves(cfg) -> dict[str, object]:
 
 
 def compose_edit(*overrides: str):
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
         return compose(config_name="edit", overrides=["video=x.mp4", *overrides])
 
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from conftest import UNetCounter, translation_clip
-from editors import SDEditEditor
+from tokenflow.editors import SDEditEditor
 from tokenflow import (DDIMInverter, FixedKeyframes, NoPropagation, TokenFlowPipeline, TokenFlowPropagator,
                        invert_video)
-from tokenflow.ddim import ddim_timesteps
-from tokenflow.editor import EditInputs
+from tokenflow.models.ddim import ddim_timesteps
+from tokenflow.core.editor import EditInputs
 from tokenflow.errors import ConfigError
 
 STEPS = 6

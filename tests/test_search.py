@@ -1,4 +1,4 @@
-"""Nearest-neighbour search backends (tokenflow.search): exactness, memory bound, recall, errors."""
+"""Nearest-neighbour search backends (tokenflow.core.search): exactness, memory bound, recall, errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from tokenflow.errors import ConfigError
-from tokenflow.search import (
+from tokenflow.core.search import (
     AutoNeighbourSearch,
     FaissNeighbourSearch,
     TorchNeighbourSearch,
@@ -244,9 +244,9 @@ def test_faiss_gpu_flat_matches_torch_on_cuda():
 @pytest.fixture(scope="module")
 def wolf_tokens(tiny, wolf8):
     """layer -> source self-attention input tokens (8, S, C) of wolf8 at the first of 2 DDIM steps."""
-    from tokenflow.correspondence import source_tokens
-    from tokenflow.inversion import DDIMInverter
-    from tokenflow.pipeline import invert_video
+    from tokenflow.evaluation.correspondence import source_tokens
+    from tokenflow.core.inversion import DDIMInverter
+    from tokenflow.core.pipeline import invert_video
 
     inversion = invert_video(tiny, wolf8, DDIMInverter(n_steps=2, keep_steps=2), "a wolf", progress=False)[0]
     return {layer: source_tokens(tiny, inversion, layer, inversion.timesteps[0]).float() for layer in (0, 6, 13)}

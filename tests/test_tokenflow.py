@@ -4,13 +4,13 @@ from __future__ import annotations
 import torch
 
 from conftest import needs_data, translation_clip
-from editors import PnPEditor
+from tokenflow.editors import PnPEditor
 from tokenflow import (DDIMInverter, FixedKeyframes, NoPropagation, RandomKeyframes, TokenFlowPipeline,
                        TokenFlowPropagator, invert_video, reconstruct)
-from tokenflow.attention import TokenFlowRuntime
-from tokenflow.ddim import ddim_timesteps
-from tokenflow.layout import UNetLayout
-from tokenflow.propagation import paper_blend, reference_blend
+from tokenflow.core.attention import TokenFlowRuntime
+from tokenflow.models.ddim import ddim_timesteps
+from tokenflow.models.layout import UNetLayout
+from tokenflow.core.propagation import paper_blend, reference_blend
 
 STEPS = 10
 
@@ -58,7 +58,7 @@ def test_stride_one_propagation_equals_joint_extended_attention(tiny, wolf8):
 
 
 def _inputs(model, inversion, steps):
-    from tokenflow.editor import EditInputs
+    from tokenflow.core.editor import EditInputs
 
     return EditInputs(model, inversion, "a robotic wolf", "ugly", "a wolf", ddim_timesteps(model.scheduler, steps))
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.video import (
+from tokenflow.storage.video import (
     Video,
     frames_from_tensor,
     read_video,
@@ -245,7 +245,7 @@ def test_write_rejects_non_mp4(clip: np.ndarray, tmp_path: Path) -> None:
 
 
 def test_round_frames_down_keeps_whole_chunks():
-    from tokenflow.video import round_frames_down
+    from tokenflow.storage.video import round_frames_down
 
     video = Video(np.zeros((19, 64, 64, 3), np.uint8), 10.0, "x")
     assert round_frames_down(video, 8).n_frames == 16

@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .editor import SOURCE, KeyframeEditor, Step
-from .errors import ConfigError
-from .layout import UNetLayout
-from .propagation import CorrespondenceCallback, Propagator
+from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
+from tokenflow.errors import ConfigError
+from tokenflow.models.layout import UNetLayout
+from tokenflow.core.propagation import CorrespondenceCallback, Propagator
 
 
 @dataclass

@@ -6,7 +6,7 @@ timestep -- by running the pipeline's own keyframe pass over the inverted latent
 adds no branch -- and matches them to each keyframe's tokens through
 :meth:`TokenFlowPropagator.propagate`, i.e. the very search call that TokenFlow uses while editing.
 The result is a :class:`CorrespondenceField`, which can be saved, loaded, turned into token
-coordinates / flow and visualised (:mod:`tokenflow.correspondence_plot`).
+coordinates / flow and visualised (:mod:`tokenflow.evaluation.correspondence_plot`).
 """
 from __future__ import annotations
 
@@ -21,16 +21,16 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .attention import TokenFlowRuntime
-from .correspondence_plot import (coordinate_colormap, identity_colormap, plot_field, similarity_heatmap,
+from tokenflow.core.attention import TokenFlowRuntime
+from tokenflow.evaluation.correspondence_plot import (coordinate_colormap, identity_colormap, plot_field, similarity_heatmap,
                                   warp_keyframe)
-from .editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
-from .errors import ConfigError
-from .inversion import InversionResult
-from .layout import UNetLayout
-from .pipeline import TokenFlowPipeline
-from .propagation import TokenFlowPropagator
-from .search import NeighbourSearch
+from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.errors import ConfigError
+from tokenflow.models.trajectory import InversionResult
+from tokenflow.models.layout import UNetLayout
+from tokenflow.core.pipeline import TokenFlowPipeline
+from tokenflow.core.propagation import TokenFlowPropagator
+from tokenflow.core.search import NeighbourSearch
 
 __all__ = ["CorrespondenceField", "compute_field", "source_tokens", "resolve_layer", "token_grid",
            "coordinate_colormap", "identity_colormap", "warp_keyframe", "similarity_heatmap", "plot_field"]

@@ -1,4 +1,4 @@
-"""Null-text inversion (Mokady et al., 2023) of video frames, per frame, and its use by editors.
+"""Null-text inversion (Mokady et al., 2023) of video frames, per frame, and its use by tokenflow.editors.
 
 DDIM inversion at guidance 1 reconstructs well at guidance 1 but drifts under classifier-free
 guidance. Null-text inversion keeps the DDIM-inverted trajectory x*_T..x*_0 and, walking it from
@@ -22,10 +22,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
-from .editor import EditInputs
-from .errors import ConfigError
-from .inversion import DDIMInverter, InversionResult, Inverter
+from tokenflow.models.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
+from tokenflow.core.editor import EditInputs
+from tokenflow.errors import ConfigError
+from tokenflow.core.inversion import DDIMInverter, Inverter
+from tokenflow.models.trajectory import InversionResult
 
 NULL_EMBEDDINGS = "null_embeddings"  # InversionResult.extras key: (T, N, 77, D), aligned with timesteps
 

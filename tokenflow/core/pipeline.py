@@ -17,16 +17,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .attention import TokenFlowRuntime
-from .cache import InversionCache, cache_key
-from .ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
-from .editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
-from .errors import ConfigError
-from .inversion import DDIMInverter, InversionResult, Inverter
-from .keyframes import KeyframeSchedule, RandomKeyframes
-from .layout import UNetLayout
-from .propagation import CorrespondenceCallback, Propagator, TokenFlowPropagator
-from .video import Video, frames_from_tensor, video_fingerprint
+from tokenflow.core.attention import TokenFlowRuntime
+from tokenflow.storage.cache import InversionCache, cache_key
+from tokenflow.models.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
+from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.errors import ConfigError
+from tokenflow.core.inversion import DDIMInverter, Inverter
+from tokenflow.models.trajectory import InversionResult
+from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
+from tokenflow.models.layout import UNetLayout
+from tokenflow.core.propagation import CorrespondenceCallback, Propagator, TokenFlowPropagator
+from tokenflow.storage.video import Video, frames_from_tensor, video_fingerprint
 
 log = logging.getLogger(__name__)
 

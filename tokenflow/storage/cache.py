@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from .inversion import InversionResult
+from tokenflow.models.trajectory import InversionResult
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 1

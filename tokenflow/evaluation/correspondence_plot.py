@@ -1,4 +1,4 @@
-"""Pictures of a :class:`~tokenflow.correspondence.CorrespondenceField` (arrays and matplotlib figures).
+"""Pictures of a :class:`~tokenflow.evaluation.correspondence.CorrespondenceField` (arrays and matplotlib figures).
 
 Nothing here calls ``pyplot``: figures are plain :class:`matplotlib.figure.Figure` objects, so no global
 figure state is touched; display them in Jupyter with ``display(fig)`` or save with ``fig.savefig``.
@@ -12,7 +12,7 @@ import numpy as np
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .correspondence import CorrespondenceField
+    from tokenflow.evaluation.correspondence import CorrespondenceField
 
 
 def _colours(coords: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
@@ -73,7 +73,7 @@ def plot_field(field: "CorrespondenceField", video: Any, frame: int, keyframe: i
     """Figure with six panels: frame, keyframe, keyframe colour code, frame's source colour code,
     keyframe warped by the field, similarity heatmap (+ colourbar).
 
-    video: a :class:`~tokenflow.video.Video` or frames (N, H, W, 3) uint8, indexed by global frame index.
+    video: a :class:`~tokenflow.storage.video.Video` or frames (N, H, W, 3) uint8, indexed by global frame index.
     """
     from matplotlib.figure import Figure  # noqa: PLC0415 -- optional at import time
 

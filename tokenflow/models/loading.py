@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .errors import ConfigError, ModelLoadError
+from tokenflow.errors import ConfigError, ModelLoadError
 
 log = logging.getLogger(__name__)
 
@@ -128,8 +128,8 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto", revision:
     torch_dtype = resolve_dtype(dtype, dev)
     identity = source
     if source == "tiny":
-        from .paths import default_cache_dir
-        from .tiny import TinyModelSpec, tiny_model_folder
+        from tokenflow.paths import default_cache_dir
+        from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
 
         spec = TinyModelSpec(seed=tiny_seed)
         path = str(tiny_model_folder(cache_dir or default_cache_dir(), spec))

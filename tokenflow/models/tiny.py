@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import ModelLoadError
+from tokenflow.errors import ModelLoadError
 
 TINY_FORMAT_VERSION = 2
 

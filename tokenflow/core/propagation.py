@@ -12,8 +12,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .errors import ConfigError
-from .search import NeighbourSearch, TorchNeighbourSearch
+from tokenflow.errors import ConfigError
+from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 
 # (layer, frames (R,), keyframe index, neighbour index (R, S), similarity (R, S)) -> None
 CorrespondenceCallback = Callable[[str, Tensor, int, Tensor, Tensor], None]

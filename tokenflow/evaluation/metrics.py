@@ -70,7 +70,7 @@ def warp_metric_name(method: str = "farneback") -> str:
 def warp_error(edited: Any, source: Any, method: str = "farneback") -> dict[str, Any]:
     """Flow-warping error of ``edited`` frames, with flow estimated on the ``source`` frames.
 
-    Both are (N, H, W, 3) uint8 arrays (or :class:`tokenflow.video.Video`), N >= 2, same shape.
+    Both are (N, H, W, 3) uint8 arrays (or :class:`tokenflow.storage.video.Video`), N >= 2, same shape.
     For each pair (t, t+1): forward flow t->t+1 and backward flow t+1->t on the source; edited frame
     t is warped onto frame t+1's grid with the backward flow (``cv2.remap``, bilinear). Pixels failing
     the UnFlow forward-backward check ``|f_b + f_f(w)|^2 < 0.01 (|f_b|^2 + |f_f(w)|^2) + 0.5`` or

@@ -18,7 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from .errors import TokenFlowError
+from tokenflow.errors import TokenFlowError
 
 log = logging.getLogger("tokenflow")
 
@@ -32,8 +32,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _prepare(cfg: DictConfig):
     """Validate the run keys, load the model and read the video."""
-    from .config import build, validate_run
-    from .video import read_video, round_frames_down
+    from tokenflow.cli.config import build, validate_run
+    from tokenflow.storage.video import read_video, round_frames_down
 
     validate_run(cfg)
     video = read_video(_video_path(cfg.video), n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
@@ -47,7 +47,7 @@ def _prepare(cfg: DictConfig):
 
 def _video_path(value: str | None) -> str:
     """``video=`` as a path: ``sample`` (or unset) is the clip embedded in the package."""
-    from .samples import SAMPLE_DESCRIPTION, is_sample, sample_video_path
+    from tokenflow.samples import SAMPLE_DESCRIPTION, is_sample, sample_video_path
 
     if is_sample(value):
         path = sample_video_path()
@@ -57,8 +57,8 @@ def _video_path(value: str | None) -> str:
 
 
 def _cache(cfg: DictConfig):
-    from .cache import InversionCache
-    from .paths import default_cache_dir
+    from tokenflow.storage.cache import InversionCache
+    from tokenflow.paths import default_cache_dir
 
     if not cfg.use_cache:
         return None
@@ -74,11 +74,11 @@ def _outputs(cfg: DictConfig) -> Path:
 def run_invert(cfg: DictConfig) -> dict[str, Any]:
     """Invert and reconstruct; report PSNR of the reconstruction."""
 
-    from .config import build
-    from .inversion import reconstruct
-    from .metrics import psnr
-    from .pipeline import invert_video
-    from .video import frames_from_tensor, write_frames, write_video
+    from tokenflow.cli.config import build
+    from tokenflow.core.inversion import reconstruct
+    from tokenflow.evaluation.metrics import psnr
+    from tokenflow.core.pipeline import invert_video
+    from tokenflow.storage.video import frames_from_tensor, write_frames, write_video
 
     out = _outputs(cfg)
     t0 = time.perf_counter()
@@ -112,10 +112,10 @@ def run_invert(cfg: DictConfig) -> dict[str, Any]:
 
 def run_edit(cfg: DictConfig) -> dict[str, Any]:
     """The TokenFlow edit; writes edited.mp4, frames/ and metrics.json."""
-    from .config import build
-    from .metrics import warp_error
-    from .pipeline import TokenFlowPipeline
-    from .video import write_frames, write_video
+    from tokenflow.cli.config import build
+    from tokenflow.evaluation.metrics import warp_error
+    from tokenflow.core.pipeline import TokenFlowPipeline
+    from tokenflow.storage.video import write_frames, write_video
 
     out = _outputs(cfg)
     t0 = time.perf_counter()
@@ -165,9 +165,9 @@ def _one_line(error: Exception) -> str:
 
 
 def _hydra_entry(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    import tokenflow.config  # noqa: F401  registers the run schema
+    import tokenflow.cli.config  # noqa: F401  registers the run schema
 
-    return hydra.main(version_base="1.3", config_path="pkg://conf", config_name=config_name)(_guarded(fn))
+    return hydra.main(version_base="1.3", config_path="pkg://tokenflow.conf", config_name=config_name)(_guarded(fn))
 
 
 def invert_main() -> Any:

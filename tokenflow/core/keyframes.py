@@ -9,7 +9,7 @@ from abc import ABC, abstractmethod
 
 import torch
 
-from .errors import ConfigError
+from tokenflow.errors import ConfigError
 
 
 class KeyframeSchedule(ABC):

@@ -1,10 +1,10 @@
-"""Classifier-free guidance shared by editors: a negative (or null-text) branch and a target branch."""
+"""Classifier-free guidance shared by tokenflow.editors: a negative (or null-text) branch and a target branch."""
 from __future__ import annotations
 
 from torch import Tensor
 
-from tokenflow.editor import Branch, EditInputs, KeyframeEditor, Step
-from tokenflow.nulltext import UnconditionalEmbedding
+from tokenflow.core.editor import Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.core.nulltext import UnconditionalEmbedding
 
 
 class GuidedEditor(KeyframeEditor):

@@ -15,7 +15,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from .errors import ConfigError, TokenFlowError
+from tokenflow.errors import ConfigError, TokenFlowError
 
 
 @dataclass

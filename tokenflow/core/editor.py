@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .inversion import InversionResult
+from tokenflow.models.trajectory import InversionResult
 
 SOURCE = "source"  # name of the branch that carries the inverted source video
 
@@ -66,7 +66,7 @@ class Step:
 class EditInputs:
     """What an editor is prepared with before the loop."""
 
-    model: Any                 # tokenflow.models.DiffusionModel
+    model: Any                 # tokenflow.models.loading.DiffusionModel
     inversion: InversionResult
     prompt: str
     negative_prompt: str

@@ -1,0 +1,1 @@
+"""Evaluation: video metrics and correspondence fields with their pictures."""

@@ -1,0 +1,45 @@
+"""The inversion of a video: the latent of every frame at every kept timestep (a data type, no computation)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from tokenflow.errors import ConfigError
+
+
+@dataclass
+class InversionResult:
+    """Latents of every frame at every kept timestep.
+
+    timesteps: kept timesteps, noisiest first (e.g. 981, ..., 1, optionally 999 in front).
+    latents: (T, N, 4, h, w) float32 on CPU, ``latents[i]`` at ``timesteps[i]``.
+    clean: (N, 4, h, w) the encoded frames z0.
+    extras: per-timestep tensors an inverter adds (e.g. null-text embeddings), name → (T, ...).
+    """
+
+    timesteps: list[int]
+    latents: Tensor
+    clean: Tensor
+    prompt: str
+    settings: dict[str, Any]
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def at(self, t: int, frames: Tensor | list[int] | None = None) -> Tensor:
+        """Latents at timestep ``t`` (N, 4, h, w), optionally only ``frames``."""
+        try:
+            i = self.timesteps.index(int(t))
+        except ValueError:
+            raise ConfigError(
+                f"the inversion holds no latent at t={int(t)} (it kept {len(self.timesteps)} timesteps "
+                f"{self.timesteps[0]}..{self.timesteps[-1]}) — invert with keep_steps equal to the editor's n_steps") from None
+        x = self.latents[i]
+        return x if frames is None else x[frames]
+
+    def has(self, t: int) -> bool:
+        return int(t) in self.timesteps
+
+    @property
+    def n_frames(self) -> int:
+        return self.clean.shape[0]
