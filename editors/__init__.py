@@ -4,4 +4,5 @@ from tokenflow.editors.p2p import PromptToPromptConfig, PromptToPromptEditor
 from tokenflow.editors.pnp import PnPConfig, PnPEditor
 from tokenflow.editors.sdedit import SDEditConfig, SDEditEditor
 
-__all__ = ["GuidedEditor", "PnPConfig", "PnPEditor", "PromptToPromptConfig", "PromptToPromptEditor", "SDEditConfig", "SDEditEditor"]
+__all__ = ["GuidedEditor", "PnPConfig", "PnPEditor", "PromptToPromptConfig", "PromptToPromptEditor", "SDEditConfig",
+           "SDEditEditor"]

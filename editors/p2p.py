@@ -8,7 +8,7 @@ Branches of every UNet call, in order:
   and also the branch TokenFlow reads correspondences from, so the pipeline adds no second one.
   The source's own CFG prediction is never used, hence no source-uncond branch.
 * ``uncond`` (only when ``guidance_scale != 1``): edited latents, negative prompt — or, when the
-  negative prompt is empty and the inversion is a null-text inversion (``extras["null_embeddings"]``),
+  inversion is a null-text inversion (``InversionResult.null_text``; the negative prompt must then be empty),
   the per-frame null embeddings at t (:class:`tokenflow.core.nulltext.UnconditionalEmbedding`).
 * ``cond``: edited latents, target prompt. Only this branch is controlled (P2P edits the conditional half).
 
@@ -25,7 +25,7 @@ injection); an ``equalizer`` with replace/refine scales the injected maps (P2P's
 LocalBlend (``blend_words``) keeps the source latents outside the words' mask after every DDIM step. The
 mask comes from the current UNet call's maps (not P2P's running sum over steps) at the non-mid
 cross-attention layers two downsamplings below the latent — P2P's ``down_cross[2:4] + up_cross[:3]``
-(16x16) for SD at 512 px; chosen by UNet structure (:func:`tokenflow.editors.p2p_control.resolution_levels`).
+(16x16) for SD at 512 px; chosen by UNet structure (``UNetLayout.level``).
 """
 from __future__ import annotations
 
@@ -35,21 +35,28 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from enum import Enum
+
 from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
-from tokenflow.errors import ConfigError
-from tokenflow.core.nulltext import UnconditionalEmbedding
-
+from tokenflow.core.guidance import UnconditionalEmbedding, cfg
 from tokenflow.editors.p2p_align import equalizer, refinement_mapper, replacement_mapper, word_positions
-from tokenflow.editors.p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention, resolution_levels
+from tokenflow.editors.p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention
+from tokenflow.errors import ConfigError
+from tokenflow.options import choice
 
-MODES = ("replace", "refine", "reweight")
+
+class Mode(str, Enum):
+    replace = "replace"     # word swap: prompts of equal token count
+    refine = "refine"       # words added/changed, tokens aligned
+    reweight = "reweight"   # no map injection, only the equalizer
+
 TARGET = "cond"   # the controlled branch
 LEVEL = 2         # P2P's 16x16 layers at 512 px: two 2x downsamplings below the latent (64x64)
 
 
 @dataclass
 class PromptToPromptConfig:
-    mode: str = "replace"                  # replace (word swap) | refine (added words) | reweight (equalizer only)
+    mode: Mode = Mode.replace              # replace (word swap) | refine (added words) | reweight (equalizer only)
     source_prompt: str | None = None       # P2P's source prompt; None = the inversion prompt
     guidance_scale: float = 7.5            # classifier-free guidance on the target branches
     cross_replace_steps: float = 0.8       # fraction of steps with cross-attention control
@@ -59,8 +66,7 @@ class PromptToPromptConfig:
     blend_threshold: float = 0.3           # LocalBlend mask threshold on the normalised word maps
 
     def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"editor.mode={self.mode!r} is not a P2P mode — use one of {list(MODES)}")
+        self.mode = choice(Mode, self.mode, "editor.mode")
         for name in ("cross_replace_steps", "self_replace_steps"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -109,7 +115,7 @@ class PromptToPromptEditor(KeyframeEditor):
         self._edit = CrossAttentionEdit(mapper, inject, equalizer(tok, inputs.prompt, c.equalizer), c.cross_replace_steps)
         self._blend_positions = self._word_positions(tok, source, inputs.prompt) if c.blend_words else None
         self._embeddings = {SOURCE: model.encode_text(source), TARGET: model.encode_text(inputs.prompt)}
-        self._uncond = UnconditionalEmbedding(inputs)  # null-text table if inverted so and no negative prompt
+        self._uncond = UnconditionalEmbedding(inputs, c.guidance_scale) if c.guidance_scale != 1 else None
         self._inversion, self._timesteps = inputs.inversion, list(inputs.timesteps)
 
     def _word_positions(self, tok, source: str, target: str) -> tuple[list[int], list[int]]:
@@ -125,37 +131,32 @@ class PromptToPromptEditor(KeyframeEditor):
     def install(self, unet: torch.nn.Module, layout, step_ref) -> list:
         if self._edit is None:
             raise RuntimeError("PromptToPromptEditor.install before prepare")
-        levels = resolution_levels(unet)
-        inner = [n for n in layout.cross_attention if levels[n][0] != "mid"]
-        level = min(LEVEL, max(levels[n][1] for n in inner))
-        self._self_layers = frozenset(n for n in layout.self_attention if levels[n][1] >= level)
+        inner = [n for n in layout.cross_attention if not n.startswith("mid_block.")]
+        level = min(LEVEL, max(layout.level[n] for n in inner))
+        self._self_layers = frozenset(n for n in layout.self_attention if layout.level[n] >= level)
         self._blend = None
         if self._blend_positions is not None:
-            self._blend = LocalBlend(*self._blend_positions, frozenset(n for n in inner if levels[n][1] == level),
+            self._blend = LocalBlend(*self._blend_positions, frozenset(n for n in inner if layout.level[n] == level),
                                      level, self.config.blend_threshold)
         return [install_cross_attention(unet, layout.cross_attention, self._edit, self._blend, step_ref, TARGET)]
 
     # ---- per step --------------------------------------------------------------------------------
     def branches(self, step: Step) -> list[Branch]:
         out = [Branch(SOURCE, self._embeddings[SOURCE], latents="source", joint=False)]
-        if self.config.guidance_scale != 1:
+        if self._uncond is not None:
             out.append(Branch("uncond", self._uncond.at(step.timestep)))
         return out + [Branch(TARGET, self._embeddings[TARGET])]
 
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
-        if "uncond" not in eps:
-            return eps[TARGET]
-        g = self.config.guidance_scale
-        return eps["uncond"] + g * (eps[TARGET] - eps["uncond"])
+        return cfg(eps, self.config.guidance_scale, cond=TARGET)
 
     def self_attention(self, layer: str, q: Tensor, k: Tensor, v: Tensor, step: Step):
         src, tgt = step.index_of(SOURCE), step.index_of(TARGET)
-        if layer not in self._self_layers or src is None or tgt is None \
-                or step.index >= int(step.n_steps * self.config.self_replace_steps):
+        if layer not in self._self_layers or src is None or tgt is None or not step.within(self.config.self_replace_steps):
             return q, k, v
-        q, k = q.clone(), k.clone()
-        q[tgt], k[tgt] = q[src], k[src]
-        return q, k, v
+        q2, k2 = q.clone(), k.clone()
+        q2[tgt], k2[tgt] = q[src], k[src]
+        return q2, k2, v
 
     def step_end(self, latents: Tensor, step: Step) -> Tensor:
         """LocalBlend: ``x_src + mask·(x − x_src)``, x_src the source latents at the next timestep (F, 4, h, w)."""

@@ -17,7 +17,7 @@ from einops import rearrange
 from torch import Tensor
 
 from tokenflow.core.editor import SOURCE, Step
-from tokenflow.errors import ConfigError
+from tokenflow.models.layout import check_attention_supported
 
 
 @dataclass
@@ -35,7 +35,7 @@ class CrossAttentionEdit:
     fraction: float
 
     def active(self, step: Step) -> bool:
-        return step.index < int(step.n_steps * self.fraction)
+        return step.within(self.fraction)
 
     def __call__(self, base: Tensor, target: Tensor) -> Tensor:
         """base, target (..., S, L): source / target probabilities → new target probabilities."""
@@ -138,33 +138,9 @@ def install_cross_attention(unet: torch.nn.Module, names: tuple[str, ...], edit:
                             target: str) -> RestoreProcessors:
     """Put a :class:`P2PCrossAttention` on each named ``attn2`` layer; the handle restores the originals."""
     for name in names:
-        attn = unet.get_submodule(name)
-        if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None \
-                or getattr(attn, "residual_connection", False) or getattr(attn, "norm_q", None) is not None:
-            raise ConfigError(f"cross-attention layer {name} uses norms/residuals the P2P processor does not support")
+        check_attention_supported(unet.get_submodule(name), name, "Prompt-to-Prompt processor")
     handle = RestoreProcessors(unet, names)
     for name in names:
         attn = unet.get_submodule(name)
         attn.set_processor(P2PCrossAttention(name, attn.processor, edit, blend, step_ref, target))
     return handle
-
-
-def resolution_levels(unet: torch.nn.Module) -> dict[str, tuple[str, int]]:
-    """Attention layer name → (stage, number of 2x downsamplings before it); 0 is the latent's resolution."""
-    levels: dict[str, tuple[str, int]] = {}
-    depth = 0
-
-    def visit(prefix: str, block: torch.nn.Module, stage: str) -> None:
-        for name, module in block.named_modules():
-            if name.endswith(("attn1", "attn2")) and hasattr(module, "processor"):
-                levels[f"{prefix}.{name}"] = (stage, depth)
-
-    for i, block in enumerate(unet.down_blocks):
-        visit(f"down_blocks.{i}", block, "down")
-        depth += bool(getattr(block, "downsamplers", None))
-    if getattr(unet, "mid_block", None) is not None:
-        visit("mid_block", unet.mid_block, "mid")
-    for i, block in enumerate(unet.up_blocks):
-        visit(f"up_blocks.{i}", block, "up")
-        depth -= bool(getattr(block, "upsamplers", None))
-    return levels

@@ -10,17 +10,16 @@ one step short: 44 steps from t=861 for 0.9, and 49 steps for 1.0 (t=981 dropped
 
 **Noise.** x_start = √ᾱ·z0 + √(1-ᾱ)·ε at the first edited timestep. ``noise="inversion"``: ε is the
 noise for which the noisiest kept inverted latent equals ``add_noise(z0, ε, t_noisiest)`` (the official
-``get_ddim_eps``). ``noise="random"``: ε from a generator seeded with ``seed``, one draw shared by all
-frames (what the official ``use_ddim_noise: False`` branch meant to do; it crashes there).
+``get_ddim_eps``). ``noise="random"``: ε from a generator seeded with ``seed`` (the run's seed from the CLI), one draw
+shared by all frames (what the official ``use_ddim_noise: False`` branch meant to do; it crashes there).
 
 **Branches.** ``uncond`` (negative prompt, or the null-text embeddings of a null-text inversion when
 the negative prompt is empty) and ``cond`` (target prompt), classifier-free guidance. SDEdit injects
 nothing (``needs_source = False``), but ``TokenFlowPropagator`` needs source features for its
 correspondences, so the pipeline then carries a third branch, the inverted source latents with the
 inversion prompt: 3·(K + N) image-UNet evaluations per step for N frames and K keyframes, against
-2·(K + N) without it (+50 %) and 2·N per step for ``NoPropagation`` (tests/test_sdedit.py counts them).
-A cheaper source-free option would need the attention processors to take correspondence features
-from an edit branch; ``source_branch`` accepts only ``"auto"`` (the pipeline decides) for now.
+2·(K + N) without it (+50 %) and 2·N per step for ``NoPropagation`` (tests/test_sdedit.py counts them);
+a propagator that needs no source tokens (``FlowPropagator``) needs no source branch either.
 """
 from __future__ import annotations
 
@@ -30,21 +29,32 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from tokenflow.models.ddim import add_noise, noise_from_latent
-from tokenflow.core.editor import EditInputs
-from tokenflow.errors import ConfigError
+from enum import Enum
 
+from tokenflow.core.editor import EditInputs
 from tokenflow.core.guidance import GuidedEditor
+from tokenflow.errors import ConfigError
+from tokenflow.models.ddim import add_noise, noise_from_latent
+from tokenflow.options import choice
+
+
+class Noise(str, Enum):
+    inversion = "inversion"   # ε solved from the noisiest inverted latent (official use_ddim_noise: True)
+    random = "random"         # fresh ε from ``seed``, shared by all frames
+
+
+class Slicing(str, Enum):
+    exact = "exact"           # the last round(strength·n) steps
+    reference = "reference"   # the official timesteps[int(1 - strength·n):], one step short
 
 
 @dataclass
 class SDEditConfig:
     strength: float = 0.9          # fraction of the grid denoised: runs the last round(strength·n) steps
     guidance_scale: float = 7.5    # classifier-free guidance weight
-    noise: str = "inversion"       # inversion | random: where the re-noising ε comes from
-    seed: int = 0                  # generator seed for noise="random"
-    start_slicing: str = "exact"   # exact | reference (official timesteps[int(1 - strength·n):], one step short)
-    source_branch: str = "auto"    # auto: the pipeline adds the source branch when the propagator needs it
+    noise: Noise = Noise.inversion          # where the re-noising ε comes from
+    seed: int = 0                           # generator seed for noise="random" (the CLI passes the run's seed)
+    start_slicing: Slicing = Slicing.exact  # exact | reference
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= 1.0:
@@ -52,13 +62,8 @@ class SDEditConfig:
                               "denoising steps run, e.g. 0.9")
         if self.guidance_scale < 0:
             raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
-        if self.noise not in ("inversion", "random"):
-            raise ConfigError(f"editor.noise={self.noise!r} is unknown — use 'inversion' or 'random'")
-        if self.start_slicing not in ("exact", "reference"):
-            raise ConfigError(f"editor.start_slicing={self.start_slicing!r} is unknown — use 'exact' or 'reference'")
-        if self.source_branch != "auto":
-            raise ConfigError(f"editor.source_branch={self.source_branch!r} is not supported — use 'auto' "
-                              "(the pipeline adds the source branch only for TokenFlowPropagator)")
+        self.noise = choice(Noise, self.noise, "editor.noise")
+        self.start_slicing = choice(Slicing, self.start_slicing, "editor.start_slicing")
 
 
 def start_index(strength: float, n: int, slicing: str = "exact") -> int:
@@ -82,7 +87,7 @@ class SDEditEditor(GuidedEditor):
         return grid[start_index(self.config.strength, len(grid), self.config.start_slicing):]
 
     def noise(self, inputs: EditInputs) -> Tensor:
-        """ε (N, 4, h, w), float32 on CPU, used to re-noise the input latents."""
+        """ε (N, C, h, w), float32 on CPU, used to re-noise the input latents."""
         inv, z0 = inputs.inversion, inputs.inversion.clean.float()
         if self.config.noise == "inversion":
             t = inv.timesteps[0]
@@ -91,7 +96,7 @@ class SDEditEditor(GuidedEditor):
         return torch.randn((1, *z0.shape[1:]), generator=g).expand_as(z0).clone()
 
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
-        """z0 re-noised to ``timesteps[0]`` (N, 4, h, w); z0 itself when there are no steps."""
+        """z0 re-noised to ``timesteps[0]`` (N, C, h, w); z0 itself when there are no steps."""
         z0 = inputs.inversion.clean.float()
         if not timesteps:
             return z0.clone()

@@ -70,4 +70,4 @@ def test_wrong_keys_and_types_fail_with_the_key_name():
 
 def test_editor_is_importable_without_hydra():
     editor = PnPEditor(guidance_scale=5.0, pnp_attn_t=0.3)
-    assert editor.config.guidance_scale == 5.0 and editor.config.attn_layers == list(range(4, 12))
+    assert editor.config.guidance_scale == 5.0 and editor.config.attn_layers is None  # derived from the UNet at install

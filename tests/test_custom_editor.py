@@ -35,8 +35,8 @@ def test_custom_editor_runs_through_tokenflow(tiny, wolf8):
     result = pipe(wolf8, prompt="a robotic wolf", negative_prompt="blurry", inversion_prompt="a wolf", progress=False)
     assert result.frames.shape == (8, 128, 128, 3) and result.frames.dtype.name == "uint8"
     assert editor.seen_phases == {"keyframes", "propagate"}
-    # per step: keyframe pass (2 keyframes) + 2 chunks of 4 frames, each x (source + uncond + cond)
-    assert result.unet_evaluations == steps * 3 * (2 + 8)
+    # per step: keyframe pass (2 keyframes) + the 6 other frames, each x (source + uncond + cond)
+    assert result.unet_evaluations == steps * 3 * 8
     assert result.timesteps == ddim_timesteps(tiny.scheduler, steps)
     # the same editor per frame (no propagation, no source branch needed): 2 branches x 8 frames per step
     per_frame = TokenFlowPipeline(tiny, editor, NoPropagation(), n_steps=steps, chunk_size=4)

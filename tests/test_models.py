@@ -42,7 +42,7 @@ def test_tiny_has_sd_topology_and_hook_sites(tiny):
 
 def test_tiny_components_work(tiny):
     emb = tiny.encode_text(["a wolf", ""])
-    assert emb.shape == (2, 77, tiny.text_encoder.config.hidden_size)
+    assert emb.hidden.shape == (2, 77, tiny.text_encoder.config.hidden_size) and emb.pooled is None
     assert tiny.tokenizer("a wolf").input_ids == [49406, 320, 5916, 49407]  # real CLIP BPE ids
     images = torch.rand(2, 3, 64, 128) * 2 - 1
     latents = tiny.encode_images(images)

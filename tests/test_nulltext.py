@@ -1,4 +1,4 @@
-"""Null-text inversion: better reconstruction under guidance than DDIM, per-frame batching, caching, use by tokenflow.editors."""
+"""Null-text inversion: better reconstruction under guidance than DDIM, per-frame batching, caching, use by editors."""
 from __future__ import annotations
 
 import pytest
@@ -12,7 +12,6 @@ from tokenflow.models.ddim import ddim_timesteps
 from tokenflow.core.editor import EditInputs, Step
 from tokenflow.errors import ConfigError
 from tokenflow.core.inversion import sample
-from tokenflow.core.nulltext import NULL_EMBEDDINGS
 from tokenflow.storage.video import Video
 
 STEPS = 5
@@ -48,12 +47,12 @@ def test_null_text_reconstructs_under_guidance_better_than_ddim(tiny):
 def test_batched_optimisation_equals_frame_by_frame(tiny, null_inversion):
     one_by_one, _ = invert_video(tiny, _clip(), NullTextInverter(n_steps=STEPS, inner_steps=3, batch_size=1), "a texture",
                                  progress=False)
-    table = null_inversion.extras[NULL_EMBEDDINGS]
+    table = null_inversion.null_text.table
     assert table.shape == (STEPS, 2, 77, tiny.text_encoder.config.hidden_size)
     # Adam normalises each gradient element, so float noise of the batched UNet shows up at ~2e-5 (measured);
     # the optimisation itself moves the embeddings by ~3e-2 per step
-    assert torch.allclose(table, one_by_one.extras[NULL_EMBEDDINGS], atol=1e-4)
-    assert float((table[0] - tiny.encode_text("")).abs().max()) > 1e-2
+    assert torch.allclose(table, one_by_one.null_text.table, atol=1e-4)
+    assert float((table[0] - tiny.encode_text("").hidden).abs().max()) > 1e-2
     assert not torch.equal(table[:, 0], table[:, 1])  # each frame its own embeddings
 
 
@@ -65,7 +64,8 @@ def test_cache_round_trips_null_embeddings_without_the_unet(tiny, tmp_path):
         second, hit2 = invert_video(tiny, video, inverter, "x", cache, progress=False)
     # early_stop=1e3 stops every inner loop after one Adam step: per step 1 cond + 1 fitted + 1 advancing call
     assert (hit1, hit2) == (False, True) and miss.calls == 3 + 3 * 3 and hit.calls == 0
-    assert torch.equal(first.extras[NULL_EMBEDDINGS], second.extras[NULL_EMBEDDINGS])
+    assert torch.equal(first.null_text.table, second.null_text.table)
+    assert second.null_text.guidance_scale == inverter.config.guidance_scale
     assert second.settings == inverter.settings() and second.settings["inverter"] == "nulltext"
     assert not any(p.requires_grad or p.grad is not None for p in tiny.unet.parameters())
     with UNetCounter(tiny.unet) as other:  # every setting is part of the key
@@ -74,15 +74,22 @@ def test_cache_round_trips_null_embeddings_without_the_unet(tiny, tmp_path):
     assert other.calls > 0
 
 
-def test_editors_use_null_embeddings_only_without_negative_prompt(tiny, null_inversion):
+def test_editors_use_null_embeddings_and_refuse_a_negative_prompt(tiny, null_inversion):
     grid = ddim_timesteps(tiny.scheduler, STEPS)
     step = Step(1, grid[1], STEPS, "frames", torch.tensor([1]), torch.tensor([], dtype=torch.long))
     for editor in (SDEditEditor(), PnPEditor()):
         editor.prepare(EditInputs(tiny, null_inversion, "a red texture", "", "a texture", grid))
         uncond = editor.branches(step)[0]
-        assert uncond.name == "uncond" and torch.equal(uncond.embedding, null_inversion.extras[NULL_EMBEDDINGS][1])
-        editor.prepare(EditInputs(tiny, null_inversion, "a red texture", "ugly", "a texture", grid))
-        assert torch.equal(editor.branches(step)[0].embedding, tiny.encode_text("ugly"))
+        assert uncond.name == "uncond" and torch.equal(uncond.embedding.hidden, null_inversion.null_text.table[1])
+        with pytest.raises(ConfigError, match="negative_prompt='ugly' cannot be used with a null-text inversion"):
+            editor.prepare(EditInputs(tiny, null_inversion, "a red texture", "ugly", "a texture", grid))
+
+
+def test_guidance_scale_mismatch_warns(tiny, null_inversion, caplog):
+    grid = ddim_timesteps(tiny.scheduler, STEPS)
+    with caplog.at_level("WARNING"):
+        PnPEditor(guidance_scale=3.0).prepare(EditInputs(tiny, null_inversion, "a red texture", "", "a texture", grid))
+    assert "optimised for guidance 7.50 but the editor guides with 3.00" in caplog.text
 
 
 def test_sdedit_at_full_strength_on_null_text_equals_null_text_sampling(tiny, null_inversion):

@@ -54,9 +54,9 @@ def test_strength_zero_returns_the_input_latents_exactly(tiny, clip_inversion):
 def test_end_to_end_unet_evaluations(tiny, clip_inversion, propagator):
     """N=4 frames, chunk 2, keyframes {1, 3}; strength 0.5 of 6 steps → 3 steps.
 
-    TokenFlow carries the source branch for correspondences: 3 branches × (K + N) = 3 × 6 = 18 per
-    step (54 in all), 1 + N/chunk = 3 UNet calls per step; NoPropagation: 2 × N = 8 per step (24),
-    2 calls per step. Without the source branch TokenFlow would need 2 × 6 = 12 per step (36).
+    TokenFlow carries the source branch for correspondences: 3 branches × N = 12 per step (36 in all):
+    the keyframe pass (3 × K) and one chunk of the N - K other frames (keyframes keep their keyframe-pass
+    result under the paper blend), 2 UNet calls per step; NoPropagation: 2 × N = 8 per step (24), 2 calls.
     """
     n, k, chunk = 4, 2, 2
     prop = TokenFlowPropagator() if propagator == "tokenflow" else NoPropagation()
@@ -67,7 +67,7 @@ def test_end_to_end_unet_evaluations(tiny, clip_inversion, propagator):
     steps = len(result.timesteps)
     assert steps == 3 and result.timesteps[0] == ddim_timesteps(tiny.scheduler, STEPS)[3]
     if propagator == "tokenflow":
-        expected, calls = steps * 3 * (k + n), steps * (1 + math.ceil(n / chunk))
+        expected, calls = steps * 3 * n, steps * (1 + math.ceil((n - k) / chunk))
     else:
         expected, calls = steps * 2 * n, steps * math.ceil(n / chunk)
     assert result.unet_evaluations == counter.samples == expected and counter.calls == calls
@@ -98,7 +98,7 @@ def test_random_noise_is_seeded_and_differs_from_inversion_noise(tiny, clip_inve
 @pytest.mark.parametrize("bad, match", [
     (dict(strength=1.5), r"strength=1.5 must be in \[0, 1\]"), (dict(strength=-0.1), "strength"),
     (dict(noise="gauss"), "noise='gauss'"), (dict(start_slicing="off_by_one"), "start_slicing"),
-    (dict(guidance_scale=-1.0), "guidance_scale"), (dict(source_branch="never"), "source_branch"),
+    (dict(guidance_scale=-1.0), "guidance_scale"),
 ])
 def test_bad_settings(bad, match):
     with pytest.raises(ConfigError, match=match):

@@ -1,23 +1,29 @@
-"""TokenFlow: consistent text-driven video editing with image diffusion models (Geyer et al., ICLR 2024)."""
-from tokenflow.storage.cache import InversionCache
-from tokenflow.core.editor import Branch, EditInputs, KeyframeEditor, Step
-from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
-from tokenflow.core.inversion import DDIMInverter, Inverter, reconstruct
-from tokenflow.models.trajectory import InversionResult
+"""TokenFlow: consistent text-driven video editing with image diffusion models (Geyer et al., ICLR 2024).
+
+Everything a research script needs is importable from here; backends live in ``tokenflow.editors``.
+"""
+from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step
+from tokenflow.core.guidance import GuidedEditor, UnconditionalEmbedding, cfg
+from tokenflow.core.inversion import DDIMInverter, Inverter, reconstruct, sample
 from tokenflow.core.keyframes import FixedKeyframes, KeyframeSchedule, RandomKeyframes
-from tokenflow.models.layout import UNetLayout
-from tokenflow.models.loading import DiffusionModel, load_model
 from tokenflow.core.nulltext import NullTextInverter, sample_with_null_text
 from tokenflow.core.pipeline import EditResult, TokenFlowPipeline, invert_video
-from tokenflow.core.propagation import NoPropagation, Propagator, TokenFlowPropagator
+from tokenflow.core.propagation import (NoPropagation, PropagationInputs, PropagationQuery, Propagator,
+                                        TokenFlowPropagator)
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
+from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
+from tokenflow.models import (DiffusionModel, InversionResult, NullTextEmbeddings, TextEmbedding, UNetLayout,
+                              from_pipeline, load_model)
+from tokenflow.storage.cache import InversionCache
 from tokenflow.storage.video import Video, read_video, write_frames, write_video
 
 __version__ = "0.1.0"
 __all__ = [
-    "Branch", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult", "FixedKeyframes",
-    "InversionCache", "InversionResult", "Inverter", "KeyframeEditor", "KeyframeSchedule", "ModelLoadError",
-    "NeighbourSearch", "NoPropagation", "NullTextInverter", "Propagator", "RandomKeyframes", "Step", "TokenFlowError",
-    "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "UNetLayout", "Video", "VideoError",
-    "invert_video", "load_model", "read_video", "reconstruct", "sample_with_null_text", "write_frames", "write_video",
+    "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
+    "FixedKeyframes", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeEditor",
+    "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
+    "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Step", "TextEmbedding", "TokenFlowError",
+    "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "UNetLayout", "UnconditionalEmbedding", "Video",
+    "VideoError", "cfg", "from_pipeline", "invert_video", "load_model", "read_video", "reconstruct", "sample",
+    "sample_with_null_text", "write_frames", "write_video",
 ]

@@ -18,6 +18,17 @@ from omegaconf.errors import OmegaConfBaseException
 from tokenflow.errors import ConfigError, TokenFlowError
 
 
+DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
+
+
+def negative_prompt(cfg: Any, inverter: Any) -> str:
+    """The run's negative prompt: as given, else empty for a null-text inversion (its embeddings are the
+    unconditional branch) and :data:`DEFAULT_NEGATIVE_PROMPT` otherwise."""
+    if cfg.negative_prompt is not None:
+        return str(cfg.negative_prompt)
+    return "" if inverter.provides_null_text else DEFAULT_NEGATIVE_PROMPT
+
+
 @dataclass
 class RunConfig:
     """Top-level keys shared by ``tokenflow-invert`` and ``tokenflow-edit``."""
@@ -25,7 +36,7 @@ class RunConfig:
     task: str = "edit"                  # edit | invert (names the output folder)
     video: str = "sample"               # input video file, folder of frames, or "sample" (the embedded clip)
     prompt: str = ""                    # target prompt (edit)
-    negative_prompt: str = "ugly, blurry, low res, unrealistic, unaesthetic"
+    negative_prompt: Optional[str] = None  # None: DEFAULT_NEGATIVE_PROMPT, or "" with a null-text inversion
     inversion_prompt: str = ""          # describes the input video; conditions inversion and the source branch
     n_frames: Optional[int] = None      # first n frames (after frame_stride); None = all
     frame_stride: int = 1               # take every k-th frame of the video
@@ -50,9 +61,6 @@ class RunConfig:
     search: Any = None
     keyframes: Any = None
     experiment: Any = None
-
-    def __post_init__(self) -> None:
-        validate_run(self)
 
 
 def validate_run(cfg: Any) -> None:

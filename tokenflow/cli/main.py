@@ -5,11 +5,8 @@ Each run writes into its Hydra run dir: ``config.yaml`` (resolved), ``input.mp4`
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -19,15 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from tokenflow.errors import TokenFlowError
+from tokenflow.storage.atomic import write_json
 
 log = logging.getLogger("tokenflow")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2, default=float)
-    os.replace(tmp, path)
 
 
 def _prepare(cfg: DictConfig):
@@ -103,7 +94,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any]:
         "fps": video.fps, "inversion_s": t2 - t1, "reconstruction_s": t3 - t2, "total_s": time.perf_counter() - t0,
         "model": model.identity,
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     print(f"inverted {video.n_frames} frames at {video.height}x{video.width} in {metrics['total_s']:.1f}s "
           f"(cache {'hit' if hit else 'miss'}); reconstruction PSNR {metrics['psnr_reconstruction_vs_input']:.2f} dB "
           f"vs input, {metrics['psnr_reconstruction_vs_vae_only']:.2f} dB vs VAE-only → {out}")
@@ -112,7 +103,7 @@ def run_invert(cfg: DictConfig) -> dict[str, Any]:
 
 def run_edit(cfg: DictConfig) -> dict[str, Any]:
     """The TokenFlow edit; writes edited.mp4, frames/ and metrics.json."""
-    from tokenflow.cli.config import build
+    from tokenflow.cli.config import build, negative_prompt
     from tokenflow.evaluation.metrics import warp_error
     from tokenflow.core.pipeline import TokenFlowPipeline
     from tokenflow.storage.video import write_frames, write_video
@@ -120,10 +111,11 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
     out = _outputs(cfg)
     t0 = time.perf_counter()
     model, video = _prepare(cfg)
+    inverter = build(cfg.inverter)
     pipe = TokenFlowPipeline(model, build(cfg.editor), build(cfg.propagator), build(cfg.keyframes),
-                             build(cfg.inverter), n_steps=cfg.n_steps, chunk_size=cfg.chunk_size, cache=_cache(cfg))
+                             inverter, n_steps=cfg.n_steps, chunk_size=cfg.chunk_size, cache=_cache(cfg))
     write_video(out / "input.mp4", video.frames, video.fps)
-    result = pipe(video, cfg.prompt, cfg.negative_prompt, cfg.inversion_prompt, progress=cfg.progress)
+    result = pipe(video, cfg.prompt, negative_prompt(cfg, inverter), cfg.inversion_prompt, progress=cfg.progress)
     write_video(out / "edited.mp4", result.frames, video.fps)
     write_frames(out / "frames", result.frames)
     metrics: dict[str, Any] = {**result.timings, "unet_evaluations": result.unet_evaluations,
@@ -134,7 +126,7 @@ def run_edit(cfg: DictConfig) -> dict[str, Any]:
         metrics[w["metric_name"]] = w["warp_error"]
         metrics["warp_occluded_fraction"] = w["occluded_fraction"]
     metrics["total_s"] = time.perf_counter() - t0
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {metrics['total_s']:.1f}s "
           f"({result.unet_evaluations} UNet evaluations) → {out / 'edited.mp4'}")
     return metrics

@@ -24,14 +24,14 @@ from einops import rearrange
 from torch import Tensor
 
 from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
-from tokenflow.errors import ConfigError
-from tokenflow.models.layout import UNetLayout
-from tokenflow.core.propagation import CorrespondenceCallback, Propagator
+from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator
+from tokenflow.models.layout import UNetLayout, check_attention_supported, token_grid
 
 
 @dataclass
 class KeyframeTokens:
-    """What a layer keeps from the keyframe pass: source input tokens (K, S, C) and outputs (B, K, S, C)."""
+    """What a layer keeps from the keyframe pass for propagation: the source branch's input tokens (K, S, C)
+    when the propagator reads them, and the outputs (B', K, S, C) of the branches it propagates."""
 
     source: Tensor | None
     outputs: Tensor
@@ -43,6 +43,7 @@ class TokenFlowRuntime:
 
     editor: KeyframeEditor
     propagator: Propagator
+    latent_hw: tuple[int, int] = (64, 64)  # (h, w) of the latents: gives each layer's token grid
     attention_chunk: int = 4096  # query tokens per SDPA call in extended attention (memory bound)
     on_match: CorrespondenceCallback | None = None
     step: Step | None = None
@@ -55,7 +56,7 @@ class TokenFlowRuntime:
         if self._saved is not None:
             raise RuntimeError("processors already installed; call remove() first")
         for name in layout.self_attention:
-            _check_supported(unet.get_submodule(name), name)
+            check_attention_supported(unet.get_submodule(name), name, "TokenFlow processor")
         self._saved = dict(unet.attn_processors)
         procs = dict(self._saved)
         for name in layout.self_attention:
@@ -79,12 +80,6 @@ class TokenFlowRuntime:
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-
-def _check_supported(attn: torch.nn.Module, name: str) -> None:
-    if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None \
-            or getattr(attn, "residual_connection", False) or getattr(attn, "norm_q", None) is not None:
-        raise ConfigError(f"self-attention layer {name} uses norms/residuals this processor does not support")
 
 
 def _heads(x: Tensor, heads: int) -> Tensor:
@@ -111,8 +106,11 @@ class TokenFlowSelfAttention:
             q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
             joint = [b.joint and step.phase == "keyframes" for b in step.branches]
             out = torch.stack([self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], joint[i])[0] for i in range(n_branches)])
-            if step.phase == "keyframes":
-                self.runtime.keyframe_tokens[self.name] = KeyframeTokens(x[src] if src is not None else None, out)
+            if step.phase == "keyframes":  # keep only what propagation will read
+                propagator = self.runtime.propagator
+                keep = [i for i in range(n_branches) if not (i == src and propagator.source_features == "clean")]
+                source = x[src] if src is not None and propagator.needs_source else None
+                self.runtime.keyframe_tokens[self.name] = KeyframeTokens(source, out[keep])
         return rearrange(out, "b f s c -> (b f) s c")
 
     @staticmethod
@@ -140,13 +138,25 @@ class TokenFlowSelfAttention:
         return out / attn.rescale_output_factor
 
     def _propagate(self, attn, x: Tensor, step: Step, src: int | None) -> Tensor:
+        """Outputs of every branch for the frames of a propagate-phase call, x (B, F, S, C)."""
         stored = self.runtime.keyframe_tokens.get(self.name)
-        if stored is None or stored.source is None or src is None:
-            raise RuntimeError(f"{self.name}: propagation needs the keyframe pass and a source branch first")
         propagator = self.runtime.propagator
-        out = propagator.propagate(self.name, step.frames, step.keyframes, x[src], stored.source, stored.outputs,
-                                   self.runtime.on_match)
-        if getattr(propagator, "source_features", "propagated") == "clean":
-            q, k, v = self._qkv(attn, x[src : src + 1])
-            out[src] = self._attend(attn, q, k, v, joint=False)[0]
+        if stored is None:
+            raise RuntimeError(f"{self.name}: propagation needs the keyframe pass first")
+        if propagator.needs_source and (src is None or stored.source is None):
+            raise RuntimeError(f"{self.name}: {type(propagator).__name__} needs the source branch in the UNet batch")
+        # the source branch's own attention is computed per frame in `clean` mode, else propagated too
+        compute_source = src is not None and propagator.source_features == "clean"
+        moved = [i for i in range(x.shape[0]) if not (compute_source and i == src)]
+        query = PropagationQuery(
+            layer=self.name, grid=token_grid(self.runtime.latent_hw, x.shape[2]), timestep=step.timestep,
+            frames=step.frames, keyframes=step.keyframes, keyframe_outputs=stored.outputs,
+            source=x[src] if propagator.needs_source else None,
+            keyframe_source=stored.source if propagator.needs_source else None, on_match=self.runtime.on_match)
+        propagated = propagator.propagate(query)
+        if not compute_source:
+            return propagated
+        out = propagated.new_empty(x.shape[0], *propagated.shape[1:])
+        out[moved] = propagated
+        out[src] = self._attend(attn, *self._qkv(attn, x[src : src + 1]), joint=False)[0]  # the unmodified source
         return out

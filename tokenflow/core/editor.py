@@ -5,36 +5,69 @@ prompt, on top of the pipeline's source branch), may change self-attention Q/K/V
 hooks (feature injection, cross-attention control), and turns the branches' noise predictions into
 the noise for the DDIM step (guidance). It never sees keyframes or propagation: the pipeline and the
 propagator handle those, so any image editor works with TokenFlow.
+
+A branch carries everything its part of the UNet call needs beyond latents and timestep: a text
+embedding (with SDXL's pooled embedding), extra input channels (InstructPix2Pix's image latents, a
+depth map) and further UNet inputs computed per call (ControlNet residuals).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
+from tokenflow.models.backbone import TextEmbedding, as_text_embedding
 from tokenflow.models.trajectory import InversionResult
 
 SOURCE = "source"  # name of the branch that carries the inverted source video
 
 
 @dataclass(frozen=True)
+class BranchCall:
+    """What a branch's ``unet_inputs`` receives for one UNet call: its part of the batch."""
+
+    latents: Tensor            # (F, C, h, w) float32, the latents this branch feeds the UNet
+    timestep: int
+    frames: Tensor             # (F,) global frame indices
+    text: TextEmbedding        # (F, L, D) this branch's text conditioning
+    step: "Step"
+
+
+@dataclass(frozen=True)
 class Branch:
     """One conditioning branch of the UNet batch.
 
-    embedding: (1, L, D) text embedding shared by all frames, or (N, L, D) one per frame of the video
-    (e.g. null-text embeddings), indexed by the frames of each UNet call. latents: ``"edit"`` (the
-    latents being edited) or ``"source"`` (the inverted source latents at the current timestep).
-    joint: keyframes of this branch attend to each other (extended self-attention); the source branch
-    stays per-frame.
+    embedding: a :class:`~tokenflow.models.backbone.TextEmbedding` (or a bare (n, L, D) tensor for SD
+    1.x/2.x) shared by all frames (n = 1) or one per frame of the video (n = N, e.g. null-text
+    embeddings), indexed by the frames of each UNet call.
+    latents: ``"edit"`` (the latents being edited) or ``"source"`` (the inverted source latents at the
+    current timestep). joint: keyframes of this branch attend to each other (extended self-attention);
+    the source branch stays per-frame.
+    image_latents: extra input channels concatenated to the latents, (1 or N, C', h, w) — e.g.
+    InstructPix2Pix's encoded input frames (zeros for its image-free branch).
+    unet_inputs: called per UNet call with a :class:`BranchCall`; returns extra UNet keyword inputs for
+    this branch's rows (e.g. ``down_block_additional_residuals``/``mid_block_additional_residual`` of a
+    ControlNet). Branches without them get zeros of the same shape.
     """
 
     name: str
-    embedding: Tensor
-    latents: str = "edit"
+    embedding: TextEmbedding | Tensor
+    latents: Literal["edit", "source"] = "edit"
     joint: bool = True
+    image_latents: Tensor | None = None
+    unet_inputs: Callable[[BranchCall], dict[str, Any]] | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "embedding", as_text_embedding(self.embedding))
+        if self.latents not in ("edit", "source"):
+            raise ValueError(f"Branch {self.name!r}: latents={self.latents!r} must be 'edit' or 'source'")
+
+    @property
+    def text(self) -> TextEmbedding:
+        return self.embedding  # type: ignore[return-value]
 
 
 @dataclass
@@ -44,7 +77,7 @@ class Step:
     index: int                 # 0-based position in the editing schedule
     timestep: int
     n_steps: int
-    phase: str                 # "keyframes" | "propagate" | "frames"
+    phase: Literal["keyframes", "propagate", "frames"]
     frames: Tensor             # global indices of the frames in this call (F,)
     keyframes: Tensor          # global keyframe indices at this step (K,), empty without keyframes
     branches: tuple[Branch, ...] = field(default_factory=tuple)
@@ -57,16 +90,25 @@ class Step:
         return self.names.index(name) if name in self.names else None
 
     @property
+    def edit_branches(self) -> list[int]:
+        """Positions of the branches whose latents are being edited."""
+        return [i for i, b in enumerate(self.branches) if b.latents == "edit"]
+
+    @property
     def progress(self) -> float:
         """Fraction of the schedule already done, 0 at the first step."""
         return self.index / self.n_steps
+
+    def within(self, fraction: float) -> bool:
+        """Whether this step is among the first ``fraction`` of the schedule (PnP's and P2P's thresholds)."""
+        return self.index < int(self.n_steps * fraction)
 
 
 @dataclass
 class EditInputs:
     """What an editor is prepared with before the loop."""
 
-    model: Any                 # tokenflow.models.loading.DiffusionModel
+    model: Any                 # tokenflow.models.DiffusionModel
     inversion: InversionResult
     prompt: str
     negative_prompt: str
@@ -75,7 +117,7 @@ class EditInputs:
 
 
 class KeyframeEditor(ABC):
-    """Base class of image-editing backends (PnP, SDEdit, Prompt-to-Prompt, your own)."""
+    """Base class of image-editing backends (PnP, SDEdit, Prompt-to-Prompt, ControlNet, your own)."""
 
     #: the editor reads the source branch (feature injection); the pipeline then always runs it
     needs_source: bool = False
@@ -90,21 +132,21 @@ class KeyframeEditor(ABC):
 
     @abstractmethod
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
-        """Noise predictions by branch name (F, 4, h, w) → the noise used for the DDIM step."""
+        """Noise predictions by branch name (F, C, h, w), float32 → the noise used for the DDIM step."""
 
     def timesteps(self, grid: list[int]) -> list[int]:
         """The timesteps this editor denoises through (SDEdit starts part-way)."""
         return grid
 
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
-        """Latents to start from, (N, 4, h, w): by default the inverted latents at the first timestep."""
+        """Latents to start from, (N, C, h, w): by default the inverted latents at the first timestep."""
         return inputs.inversion.at(timesteps[0]).clone()
 
     def self_attention(self, layer: str, q: Tensor, k: Tensor, v: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
         """Change self-attention queries/keys/values, each (B, F, S, C) by branch; default: unchanged."""
         return q, k, v
 
-    def install(self, unet: torch.nn.Module, layout, step_ref) -> list:
+    def install(self, unet: torch.nn.Module, layout, step_ref: Callable[[], Step | None]) -> list:
         """Install extra hooks; return handles with ``.remove()``. ``step_ref()`` gives the current Step."""
         return []
 

@@ -1,37 +1,42 @@
-"""Inversion of video frames to noise: the ``Inverter`` interface and DDIM inversion.
+"""Inversion of video frames to noise: the ``Inverter`` interface, DDIM inversion and DDIM sampling.
 
 An inversion keeps, for every frame, the latent at each timestep the editor will visit, so PnP's
-source branch and TokenFlow's correspondences can read the source video at any editing step.
+source branch and TokenFlow's correspondences can read the source video at any editing step. Latents
+and DDIM arithmetic stay in float32 whatever the model's dtype (only the UNet's inputs are cast).
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tokenflow.models.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
 from tokenflow.errors import ConfigError
+from tokenflow.models.backbone import TextEmbedding
+from tokenflow.models.ddim import ddim_timesteps, previous_timestep
 from tokenflow.models.trajectory import InversionResult
 
 
 class Inverter(ABC):
     """Maps clean latents z0 to the noisy latents along a sampling trajectory."""
 
+    #: the result carries null-text embeddings (``InversionResult.null_text``) for the unconditional branch
+    provides_null_text: bool = False
+
     @abstractmethod
     def invert(self, model, clean: Tensor, prompt: str, progress: bool = True) -> InversionResult:
-        """clean: (N, 4, h, w) latents of the frames → an :class:`InversionResult`."""
+        """clean: (N, C, h, w) float32 latents of the frames → an :class:`InversionResult`."""
 
     @abstractmethod
     def settings(self) -> dict[str, Any]:
         """Everything that changes the result; part of the inversion cache key."""
 
+    @abstractmethod
     def kept_timesteps(self, scheduler) -> list[int]:
         """Timesteps this inverter keeps, noisiest first."""
-        raise NotImplementedError
 
 
 @dataclass
@@ -74,22 +79,21 @@ class DDIMInverter(Inverter):
 
     @torch.no_grad()
     def invert(self, model, clean: Tensor, prompt: str, progress: bool = True) -> InversionResult:
-        scheduler = model.scheduler
-        grid = ddim_timesteps(scheduler, self.config.n_steps)[::-1]  # 1, ..., 981: least noisy first
-        keep = set(self.kept_timesteps(scheduler))
+        grid = ddim_timesteps(model.scheduler, self.config.n_steps)[::-1]  # 1, ..., 981: least noisy first
+        keep = set(self.kept_timesteps(model.scheduler))
         cond = model.encode_text(prompt)
         kept: dict[int, list[Tensor]] = {t: [] for t in keep}
         chunks = clean.split(self.config.batch_size)
         bar = tqdm(total=len(grid) * len(chunks), desc="DDIM inversion", unit="step", disable=not progress)
         for chunk in chunks:
-            x = chunk.to(model.device, model.dtype)
-            emb = cond.expand(len(x), -1, -1)
+            x = chunk.to(model.device, torch.float32)
+            text = cond.rows(torch.arange(len(x)))
             for i, t in enumerate(grid):
                 t_prev = grid[i - 1] if i > 0 else -1
-                eps = model.unet(x, t, encoder_hidden_states=emb).sample
-                x = ddim_step(x, eps, alpha_bar(scheduler, t_prev), alpha_bar(scheduler, t))
+                eps = model.predict_noise(x, t, text, level=t_prev)  # the UNet at t, the latents at t_prev's level
+                x = model.ddim_step(x, eps, t_prev, t)
                 if t in keep:
-                    kept[t].append(x.float().cpu())
+                    kept[t].append(x.cpu())
                 bar.update(1)
         bar.close()
         order = sorted(keep, reverse=True)
@@ -97,29 +101,38 @@ class DDIMInverter(Inverter):
         return InversionResult(order, latents, clean.float().cpu(), prompt, self.settings())
 
 
-@torch.no_grad()
-def sample(model, x: Tensor, timesteps: list[int], cond: Tensor, uncond: Tensor | None = None,
-           guidance_scale: float = 1.0, batch_size: int = 8, progress: bool = True, desc: str = "DDIM sampling") -> Tensor:
-    """Plain DDIM sampling of independent frames from ``x`` at ``timesteps[0]`` down the grid.
+UncondSource = TextEmbedding | Callable[[int, Tensor], TextEmbedding] | None
 
-    cond/uncond: (1, L, D) text embeddings; ``uncond`` is only used when ``guidance_scale != 1``.
-    Returns the clean latents (N, 4, h, w) float32 on CPU.
+
+@torch.no_grad()
+def sample(model, x: Tensor, timesteps: list[int], cond: TextEmbedding | Tensor, uncond: UncondSource = None,
+           guidance_scale: float = 1.0, batch_size: int = 8, progress: bool = True, desc: str = "DDIM sampling") -> Tensor:
+    """Plain DDIM sampling of independent frames from ``x`` (N, C, h, w) at ``timesteps[0]`` down the grid.
+
+    cond: (1, L, D) or per-frame (N, L, D) text embedding. uncond, used when ``guidance_scale != 1``: an
+    embedding like ``cond``, or a function (step index, frames (F,)) → (F, L, D) embedding (null-text
+    tables). Returns the clean latents (N, C, h, w) float32 on CPU.
     """
+    from tokenflow.models.backbone import as_text_embedding
+
+    cond = as_text_embedding(cond)
+    guided = guidance_scale != 1.0 and uncond is not None
     out = []
-    chunks = x.split(batch_size)
+    chunks = torch.arange(x.shape[0]).split(batch_size)
     bar = tqdm(total=len(timesteps) * len(chunks), desc=desc, unit="step", disable=not progress)
-    for chunk in chunks:
-        z = chunk.to(model.device, model.dtype)
+    for frames in chunks:
+        z = x[frames].to(model.device, torch.float32)
+        c = cond.rows(frames)
         for i, t in enumerate(timesteps):
-            if guidance_scale == 1.0 or uncond is None:
-                eps = model.unet(z, t, encoder_hidden_states=cond.expand(len(z), -1, -1)).sample
-            else:
-                emb = torch.cat([uncond.expand(len(z), -1, -1), cond.expand(len(z), -1, -1)])
-                e_u, e_c = model.unet(torch.cat([z, z]), t, encoder_hidden_states=emb).sample.chunk(2)
+            if guided:
+                u = uncond(i, frames) if callable(uncond) else as_text_embedding(uncond).rows(frames)
+                e_u, e_c = model.predict_noise(torch.cat([z, z]), t, TextEmbedding.cat([u, c])).chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)
-            z = ddim_step(z, eps, alpha_bar(model.scheduler, t), alpha_bar(model.scheduler, previous_timestep(timesteps, i)))
+            else:
+                eps = model.predict_noise(z, t, c)
+            z = model.ddim_step(z, eps, t, previous_timestep(timesteps, i))
             bar.update(1)
-        out.append(z.float().cpu())
+        out.append(z.cpu())
     bar.close()
     return torch.cat(out)
 

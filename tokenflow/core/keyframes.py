@@ -6,10 +6,17 @@ dedicated ``torch.Generator``, so a run is reproducible and the draw can be logg
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from enum import Enum
 
 import torch
 
 from tokenflow.errors import ConfigError
+from tokenflow.options import choice
+
+
+class Formula(str, Enum):
+    default = "default"       # one uniform draw per chunk, a last shorter chunk included
+    reference = "reference"   # the official torch.randint(stride, (n // stride,)) + arange(0, n, stride)
 
 
 class KeyframeSchedule(ABC):
@@ -26,12 +33,10 @@ class RandomKeyframes(KeyframeSchedule):
     of ``stride``). The default also covers a last, shorter chunk.
     """
 
-    def __init__(self, stride: int = 8, seed: int = 0, formula: str = "default") -> None:
+    def __init__(self, stride: int = 8, seed: int = 0, formula: Formula | str = Formula.default) -> None:
         if stride < 1:
             raise ConfigError(f"keyframe stride={stride} must be >= 1 — use e.g. 8")
-        if formula not in ("default", "reference"):
-            raise ConfigError(f"keyframe formula={formula!r} is unknown — use 'default' or 'reference'")
-        self.stride, self.seed, self.formula = stride, seed, formula
+        self.stride, self.seed, self.formula = stride, seed, choice(Formula, formula, "keyframes.formula")
 
     def sequence(self, n_steps: int, n_frames: int) -> list[list[int]]:
         g = torch.Generator().manual_seed(self.seed)

@@ -18,15 +18,17 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tokenflow.core.attention import TokenFlowRuntime
-from tokenflow.storage.cache import InversionCache, cache_key
-from tokenflow.models.ddim import alpha_bar, ddim_step, ddim_timesteps, previous_timestep
-from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
-from tokenflow.errors import ConfigError
+from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import DDIMInverter, Inverter
-from tokenflow.models.trajectory import InversionResult
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
+from tokenflow.core.propagation import CorrespondenceCallback, PropagationInputs, Propagator, TokenFlowPropagator
+from tokenflow.errors import ConfigError
+from tokenflow.models.backbone import TextEmbedding
+from tokenflow.models.ddim import ddim_timesteps, previous_timestep
 from tokenflow.models.layout import UNetLayout
-from tokenflow.core.propagation import CorrespondenceCallback, Propagator, TokenFlowPropagator
+from tokenflow.models.loading import as_model
+from tokenflow.models.trajectory import InversionResult
+from tokenflow.storage.cache import InversionCache, cache_key
 from tokenflow.storage.video import Video, frames_from_tensor, video_fingerprint
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class EditResult:
     frames: "Any"                   # (N, H, W, 3) uint8
-    latents: Tensor                 # (N, 4, h, w) edited clean latents
+    latents: Tensor                 # (N, C, h, w) edited clean latents
     keyframes: list[list[int]]      # keyframes drawn at each step
     timesteps: list[int]
     timings: dict[str, float] = field(default_factory=dict)
@@ -60,32 +62,46 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
 
 
 class TokenFlowPipeline:
-    """Edit a video with a keyframe editor and a propagator, diffusers-pipeline style."""
+    """Edit a video with a keyframe editor and a propagator, diffusers-pipeline style.
+
+    ``model``: a :class:`~tokenflow.models.DiffusionModel` or a loaded diffusers SD/SDXL pipeline.
+    """
 
     def __init__(self, model, editor: KeyframeEditor, propagator: Propagator | None = None,
                  keyframes: KeyframeSchedule | None = None, inverter: Inverter | None = None,
                  n_steps: int = 50, chunk_size: int = 8, cache: InversionCache | None = None) -> None:
         if n_steps < 1 or chunk_size < 1:
             raise ConfigError(f"n_steps={n_steps} and chunk_size={chunk_size} must be >= 1 — use positive numbers")
-        self.model, self.editor = model, editor
+        self.model, self.editor = as_model(model), editor
         self.propagator = propagator or TokenFlowPropagator()
         self.keyframes = keyframes or RandomKeyframes()
         self.inverter = inverter or DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
         self.n_steps, self.chunk_size, self.cache = n_steps, chunk_size, cache
-        self.layout = UNetLayout.from_unet(model.unet)
+        self.layout = UNetLayout.from_unet(self.model.unet)
         self.unet_evaluations = 0
 
     # ---- one UNet call over branches -------------------------------------------------------------
     def _predict(self, x: Tensor, inversion: InversionResult, step: Step) -> dict[str, Tensor]:
-        """Noise predictions by branch for edited latents ``x`` (F, 4, h, w) of ``step.frames``."""
+        """Noise predictions by branch for edited latents ``x`` (F, C, h, w) of ``step.frames``, float32."""
         frames = step.frames.cpu()
-        latents = [x if b.latents == "edit" else inversion.at(step.timestep, frames).to(x) for b in step.branches]
-        emb = torch.cat([b.embedding[frames.to(b.embedding.device)] if b.embedding.shape[0] > 1
-                         else b.embedding.expand(len(frames), -1, -1) for b in step.branches])
-        eps = self.model.unet(torch.cat(latents).to(self.model.dtype), step.timestep,
-                              encoder_hidden_states=emb.to(self.model.dtype)).sample
-        self.unet_evaluations += eps.shape[0]
-        return dict(zip(step.names, eps.float().chunk(len(step.branches))))
+        latents, texts, images, extras = [], [], [], []
+        for branch in step.branches:
+            z = x if branch.latents == "edit" else inversion.at(step.timestep, frames).to(x)
+            text = branch.text.rows(frames)
+            latents.append(z)
+            texts.append(text)
+            images.append(None if branch.image_latents is None else _rows(branch.image_latents, frames))
+            extras.append(None if branch.unet_inputs is None else
+                          branch.unet_inputs(BranchCall(z, step.timestep, frames, text, step)))
+        if any(i is None for i in images) and not all(i is None for i in images):
+            raise ConfigError("some branches carry image latents and some do not — give every branch image_latents "
+                              "(zeros for an image-free branch)")
+        image = None if images[0] is None else torch.cat([i.to(x) for i in images])
+        batch = torch.cat(latents)
+        eps = self.model.predict_noise(batch, step.timestep, TextEmbedding.cat(texts), image_latents=image,
+                                       unet_kwargs=_merge_unet_inputs(extras, [len(z) for z in latents]))
+        self.unet_evaluations += batch.shape[0]
+        return dict(zip(step.names, eps.chunk(len(step.branches))))
 
     def _branches(self, step: Step, source: Branch | None) -> tuple[Branch, ...]:
         edit = tuple(self.editor.branches(step))
@@ -96,44 +112,57 @@ class TokenFlowPipeline:
                     source: Branch | None) -> Tensor:
         """One UNet call and DDIM step for ``frames`` of ``x`` in ``phase`` (keyframes/propagate/frames).
 
-        Returns the new latents of those frames (F, 4, h, w), float32 on the model's device.
+        Returns the new latents of those frames (F, C, h, w), float32 on the model's device.
         """
         t = timesteps[index]
-        sched = self.model.scheduler
-        step = Step(index, t, len(timesteps), phase, frames, keyframes)
+        step = Step(index, t, len(timesteps), phase, frames, keyframes)  # type: ignore[arg-type]
         step.branches = self._branches(step, source)
         runtime.step = step
         try:
-            xf = x[frames].to(self.model.device)
+            xf = x[frames].to(self.model.device, torch.float32)
             eps = self.editor.guide(self._predict(xf, inversion, step), step)
-            new = ddim_step(xf.float(), eps, alpha_bar(sched, t), alpha_bar(sched, previous_timestep(timesteps, index)))
+            new = self.model.ddim_step(xf, eps, t, previous_timestep(timesteps, index))
             return self.editor.step_end(new, step)
         finally:
             runtime.step = None
 
     def denoise_step(self, runtime: TokenFlowRuntime, x: Tensor, inversion: InversionResult, index: int,
                      timesteps: list[int], keyframes: list[int], source: Branch | None) -> Tensor:
-        """One TokenFlow step over all frames: keyframe pass, then chunks with propagation → new latents."""
+        """One TokenFlow step over all frames: keyframe pass, then chunks with propagation → new latents.
+
+        When the propagator reproduces a keyframe exactly (``reuses_keyframe_pass``), keyframes keep their
+        keyframe-pass result and the chunk pass covers the other frames only.
+        """
         args = (runtime, x, inversion, index, timesteps)
-        kf = torch.tensor(keyframes if self.propagator.uses_keyframes else [], dtype=torch.long)
-        if self.propagator.uses_keyframes:
-            self.step_frames(*args, kf, kf, "keyframes", source)  # fills runtime.keyframe_tokens; result unused
-        phase = "propagate" if self.propagator.uses_keyframes else "frames"
         out = torch.empty_like(x)
-        for frames in torch.arange(x.shape[0]).split(self.chunk_size):
-            out[frames] = self.step_frames(*args, frames, kf, phase, source).to(out)
+        if not self.propagator.uses_keyframes:
+            for frames in torch.arange(x.shape[0]).split(self.chunk_size):
+                out[frames] = self.step_frames(*args, frames, torch.empty(0, dtype=torch.long), "frames", source).to(out)
+            return out
+        kf = torch.tensor(keyframes, dtype=torch.long)
+        new_keyframes = self.step_frames(*args, kf, kf, "keyframes", source)  # also fills runtime.keyframe_tokens
+        rest = torch.arange(x.shape[0])
+        if self.propagator.reuses_keyframe_pass:
+            out[kf] = new_keyframes.to(out)
+            rest = rest[~torch.isin(rest, kf)]
+        for frames in rest.split(self.chunk_size) if len(rest) else ():
+            out[frames] = self.step_frames(*args, frames, kf, "propagate", source).to(out)
         return out
 
     def source_branch(self, inversion_prompt: str) -> Branch | None:
-        """The source branch (inverted latents, inversion prompt) if the editor or propagator needs it."""
-        if not (self.editor.needs_source or isinstance(self.propagator, TokenFlowPropagator)):
+        """The source branch (inverted latents, inversion prompt) if the editor or the propagator needs it."""
+        if not (self.editor.needs_source or self.propagator.needs_source):
             return None
         return Branch(SOURCE, self.model.encode_text(inversion_prompt), latents="source", joint=False)
 
     # ---- the whole edit --------------------------------------------------------------------------
     def edit(self, inversion: InversionResult, prompt: str, negative_prompt: str = "", inversion_prompt: str | None = None,
-             progress: bool = True, on_match: CorrespondenceCallback | None = None) -> EditResult:
-        """Edit from an existing inversion; returns decoded frames and what was done."""
+             progress: bool = True, on_match: CorrespondenceCallback | None = None,
+             video: Video | None = None) -> EditResult:
+        """Edit from an existing inversion; returns decoded frames and what was done.
+
+        ``video``: the input frames, for propagators that read pixels (optical flow); optional.
+        """
         grid = ddim_timesteps(self.model.scheduler, self.n_steps)
         inputs = EditInputs(self.model, inversion, prompt, negative_prompt,
                             inversion.prompt if inversion_prompt is None else inversion_prompt, grid)
@@ -145,9 +174,13 @@ class TokenFlowPipeline:
         source = self.source_branch(inputs.inversion_prompt)
         x = self.editor.initial_latents(inputs, timesteps).float()
         schedule = self.keyframes.sequence(len(timesteps), inversion.n_frames)
+        latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
+        self.propagator.prepare(PropagationInputs(self.model, inversion, timesteps, schedule, latent_hw,
+                                                  None if video is None else video.frames))
         self.unet_evaluations = 0
         t0 = time.perf_counter()
-        runtime = TokenFlowRuntime(self.editor, self.propagator, on_match=on_match).install(self.model.unet, self.layout)
+        runtime = TokenFlowRuntime(self.editor, self.propagator, latent_hw=latent_hw, on_match=on_match)
+        runtime.install(self.model.unet, self.layout)
         try:
             with torch.no_grad():
                 for i in tqdm(range(len(timesteps)), desc="TokenFlow editing", unit="step", disable=not progress):
@@ -166,6 +199,43 @@ class TokenFlowPipeline:
         t0 = time.perf_counter()
         inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
         t_inv = time.perf_counter() - t0
-        result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match)
+        result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video)
         result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), **result.timings}
         return result
+
+
+def _rows(t: Tensor, frames: Tensor) -> Tensor:
+    """Rows of a (1 or N, ...) per-video tensor for ``frames``: the shared row repeated, or per-frame rows."""
+    return t.expand(len(frames), *t.shape[1:]) if t.shape[0] == 1 else t[frames.to(t.device)]
+
+
+def _merge_unet_inputs(parts: list[dict[str, Any] | None], sizes: list[int]) -> dict[str, Any]:
+    """Concatenate branches' extra UNet inputs along the batch; a branch without one gets zeros of its size."""
+    keys = [k for part in parts if part for k in part]
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(keys):
+        template = next(part[key] for part in parts if part and key in part)
+        values = [part[key] if part and key in part else _zeros(template, n) for part, n in zip(parts, sizes)]
+        merged[key] = _concat(values)
+    return merged
+
+
+def _zeros(template: Any, n: int) -> Any:
+    if isinstance(template, Tensor):
+        return template.new_zeros(n, *template.shape[1:])
+    if isinstance(template, (list, tuple)):
+        return type(template)(_zeros(t, n) for t in template)
+    if isinstance(template, dict):
+        return {k: _zeros(v, n) for k, v in template.items()}
+    raise ConfigError(f"unet_inputs values must be tensors (or lists/dicts of them), got {type(template).__name__}")
+
+
+def _concat(values: list[Any]) -> Any:
+    first = values[0]
+    if isinstance(first, Tensor):
+        return torch.cat(values)
+    if isinstance(first, (list, tuple)):
+        return type(first)(_concat(list(v)) for v in zip(*values))
+    if isinstance(first, dict):
+        return {k: _concat([v[k] for v in values]) for k in first}
+    raise ConfigError(f"unet_inputs values must be tensors (or lists/dicts of them), got {type(first).__name__}")

@@ -1,19 +1,26 @@
 """Propagators: how non-keyframes obtain their self-attention output from the keyframes'.
 
-``TokenFlowPropagator`` is the method: each token of a frame takes the edited keyframe output at its
-nearest neighbour among the keyframe's *source* tokens (same layer, same timestep), blended between
-two keyframes. ``NoPropagation`` edits every frame on its own (the per-frame baseline).
+The :class:`Propagator` interface says what a propagator needs (the source branch in the UNet batch,
+clean or propagated source features, a hook to compute things once per video) and receives, per
+layer and UNet call, a :class:`PropagationQuery` (the layer's token grid, the frames, the keyframes'
+edited outputs and, when asked for, source tokens). The pipeline and the attention processors rely on
+nothing else. ``TokenFlowPropagator`` is the method: each token of a frame takes the edited keyframe
+output at its nearest neighbour among the keyframe's *source* tokens (same layer, same timestep),
+blended between two keyframes. ``NoPropagation`` edits every frame on its own (the per-frame baseline).
 """
 from __future__ import annotations
 
-from abc import ABC
-from typing import Callable
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 
-from tokenflow.errors import ConfigError
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
+from tokenflow.errors import ConfigError
+from tokenflow.options import choice
 
 # (layer, frames (R,), keyframe index, neighbour index (R, S), similarity (R, S)) -> None
 CorrespondenceCallback = Callable[[str, Tensor, int, Tensor, Tensor], None]
@@ -55,19 +62,93 @@ def reference_blend(frames: Tensor, keyframes: Tensor, stride: int) -> tuple[Ten
     return torch.stack([chunk, prev], 1), torch.stack([w1, 1 - w1], 1)
 
 
+@dataclass
+class PropagationInputs:
+    """What :meth:`Propagator.prepare` receives once per edit."""
+
+    model: Any                       # tokenflow.models.DiffusionModel
+    inversion: Any                   # tokenflow.models.InversionResult
+    timesteps: list[int]             # the timesteps the edit runs through
+    keyframes: list[list[int]]       # keyframes at each of those steps
+    latent_hw: tuple[int, int]       # (h, w) of the latents
+    frames: Any = None               # (N, H, W, 3) uint8 input frames when the caller has them, else None
+
+
+@dataclass
+class PropagationQuery:
+    """One layer of one UNet call in the ``propagate`` phase: what the propagator may read.
+
+    keyframe_outputs (B, K, S, D): the keyframes' self-attention outputs of the branches to propagate.
+    source (F, S, C) / keyframe_source (K, S, C): the source branch's input tokens of the frames and of
+    the keyframes (None unless the propagator ``needs_source``). grid (h, w): the token grid (S = h·w,
+    row-major). frames (F,) and keyframes (K,): global indices, on the CPU.
+    """
+
+    layer: str
+    grid: tuple[int, int]
+    timestep: int
+    frames: Tensor
+    keyframes: Tensor
+    keyframe_outputs: Tensor
+    source: Tensor | None = None
+    keyframe_source: Tensor | None = None
+    on_match: CorrespondenceCallback | None = None
+
+
 class Propagator(ABC):
     """Decides whether keyframes are edited jointly and how their tokens reach the other frames."""
 
-    uses_keyframes: bool = True
+    @property
+    @abstractmethod
+    def uses_keyframes(self) -> bool:
+        """Keyframes are edited jointly first and the other frames take their tokens (else: per-frame editing)."""
 
-    def blend(self, frames: Tensor, keyframes: Tensor) -> tuple[Tensor, Tensor]:
-        """(positions into keyframes (F, 2), weights (F, 2)) for the given global frame indices."""
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def needs_source(self) -> bool:
+        """The UNet batch must carry the source branch, whose tokens the query then holds."""
 
-    def propagate(self, layer: str, frames: Tensor, keyframes: Tensor, source: Tensor, keyframe_source: Tensor,
-                  keyframe_outputs: Tensor, on_match: CorrespondenceCallback | None = None) -> Tensor:
-        """source (F, S, C), keyframe_source (K, S, C), keyframe_outputs (B, K, S, D) → (B, F, S, D)."""
-        raise NotImplementedError
+    @property
+    @abstractmethod
+    def source_features(self) -> Literal["clean", "propagated"]:
+        """How the source branch's own attention is obtained in propagated frames: computed per frame
+        (``clean``) or propagated like the edit branches (``propagated``, the official code)."""
+
+    @property
+    def reuses_keyframe_pass(self) -> bool:
+        """A keyframe propagated to itself equals its keyframe-pass result, so the pipeline does not
+        recompute keyframes in the chunk pass (3N instead of 3(N+K) UNet evaluations per step for PnP)."""
+        return False
+
+    def prepare(self, inputs: PropagationInputs) -> None:
+        """Compute what depends only on the video, once per edit (e.g. optical flow); default nothing."""
+
+    @abstractmethod
+    def propagate(self, query: PropagationQuery) -> Tensor:
+        """The self-attention outputs (B, F, S, D) of the query's frames, from the keyframes'."""
+
+
+class Blend(str, Enum):
+    paper = "paper"           # previous and next keyframe, weights linear in temporal distance
+    reference = "reference"   # the official code: this and the previous chunk's keyframe, sigmoid weights
+
+
+class SourceFeatures(str, Enum):
+    clean = "clean"           # the source branch computes its own self-attention in every frame
+    propagated = "propagated" # the source branch is propagated like the edit branches (official code)
+
+
+@dataclass
+class TokenFlowPropagatorConfig:
+    blend: Blend = Blend.paper
+    stride: int = 8                                   # chunk length the reference blend assumes
+    source_features: SourceFeatures = SourceFeatures.clean
+
+    def __post_init__(self) -> None:
+        self.blend = choice(Blend, self.blend, "propagator.blend")
+        self.source_features = choice(SourceFeatures, self.source_features, "propagator.source_features")
+        if self.stride < 1:
+            raise ConfigError(f"propagator.stride={self.stride} must be >= 1 — use the keyframe stride, e.g. 8")
 
 
 class TokenFlowPropagator(Propagator):
@@ -76,45 +157,69 @@ class TokenFlowPropagator(Propagator):
     blend: ``paper`` (previous/next keyframe, linear weights) or ``reference`` (official code).
     source_features: ``clean`` computes the source branch's own self-attention in every frame, so
     correspondences come from the unmodified source video; ``propagated`` propagates it like the
-    edit branches, as the official code does.
+    edit branches, as the official code does. search: the nearest-neighbour backend.
     """
 
-    def __init__(self, search: NeighbourSearch | None = None, blend: str = "paper", stride: int = 8,
-                 source_features: str = "clean") -> None:
-        if blend not in ("paper", "reference"):
-            raise ConfigError(f"propagator.blend={blend!r} is unknown — use 'paper' or 'reference'")
-        if source_features not in ("clean", "propagated"):
-            raise ConfigError(f"propagator.source_features={source_features!r} is unknown — use 'clean' or 'propagated'")
+    Config = TokenFlowPropagatorConfig
+
+    def __init__(self, search: NeighbourSearch | None = None, **config: Any) -> None:
+        self.config = TokenFlowPropagatorConfig(**config)
         self.search = search or TorchNeighbourSearch()
-        self.blend_mode, self.stride, self.source_features = blend, stride, source_features
+
+    uses_keyframes = True  # type: ignore[assignment]
+    needs_source = True  # type: ignore[assignment]
+
+    @property
+    def source_features(self) -> Literal["clean", "propagated"]:
+        return self.config.source_features.value  # type: ignore[return-value]
+
+    @property
+    def reuses_keyframe_pass(self) -> bool:
+        # paper blend: a keyframe takes itself with weight 1 and each of its tokens is its own nearest neighbour
+        return self.config.blend == Blend.paper
 
     def blend(self, frames: Tensor, keyframes: Tensor) -> tuple[Tensor, Tensor]:
-        if self.blend_mode == "paper":
+        """(positions into keyframes (F, 2), weights (F, 2)) for the given global frame indices (CPU)."""
+        if self.config.blend == Blend.paper:
             return paper_blend(frames, keyframes)
-        return reference_blend(frames, keyframes, self.stride)
+        return reference_blend(frames, keyframes, self.config.stride)
 
-    def propagate(self, layer: str, frames: Tensor, keyframes: Tensor, source: Tensor, keyframe_source: Tensor,
-                  keyframe_outputs: Tensor, on_match: CorrespondenceCallback | None = None) -> Tensor:
-        positions, weights = self.blend(frames.cpu(), keyframes.cpu())
-        positions, weights = positions.to(source.device), weights.to(source.device, keyframe_outputs.dtype)
-        n_branches, _, n_tokens, width = keyframe_outputs.shape
-        out = keyframe_outputs.new_zeros(n_branches, len(frames), n_tokens, width)
-        for k in torch.unique(positions[weights > 0]).tolist():
-            rows, cols = torch.nonzero((positions == k) & (weights > 0), as_tuple=True)
-            rows_u = torch.unique(rows)
-            queries = source[rows_u].reshape(1, -1, source.shape[-1])
-            index, similarity = self.search.search(queries, keyframe_source[k : k + 1])
-            index = index.reshape(len(rows_u), n_tokens)
-            if on_match is not None:
-                on_match(layer, frames[rows_u], int(keyframes[k]), index, similarity.reshape(len(rows_u), n_tokens))
-            gathered = keyframe_outputs[:, k][:, index]  # (B, R, S, D)
-            w = torch.zeros(len(frames), device=source.device, dtype=out.dtype)
-            w.index_put_((rows,), weights[rows, cols], accumulate=True)
-            out[:, rows_u] += w[rows_u].view(1, -1, 1, 1) * gathered
+    def propagate(self, query: PropagationQuery) -> Tensor:
+        if query.source is None or query.keyframe_source is None:
+            raise ValueError("TokenFlowPropagator needs source tokens in the query (needs_source=True)")
+        frames, keyframes = query.frames.cpu(), query.keyframes.cpu()
+        positions, weights = self.blend(frames, keyframes)  # CPU: every decision below is made without a device sync
+        outputs = query.keyframe_outputs
+        n_branches, _, n_tokens, width = outputs.shape
+        device = outputs.device
+        out = outputs.new_zeros(n_branches, len(frames), n_tokens, width)
+        merged = positions[:, 0] == positions[:, 1]  # one keyframe for both candidates: search it once
+        weights = torch.stack([torch.where(merged, weights.sum(1), weights[:, 0]),
+                               torch.where(merged, torch.zeros_like(weights[:, 1]), weights[:, 1])], 1)
+        for j in range(2):
+            rows = torch.nonzero(weights[:, j] > 0).squeeze(1)
+            if len(rows) == 0:
+                continue
+            kf_pos = positions[rows, j]
+            rows_d, kf_d = rows.to(device, non_blocking=True), kf_pos.to(device, non_blocking=True)
+            index, similarity = self.search.search(query.source[rows_d], query.keyframe_source[kf_d])  # (R, S)
+            if query.on_match is not None:
+                for k in torch.unique(kf_pos).tolist():  # inspection only: grouped by keyframe on the host
+                    sel = (kf_pos == k).nonzero().squeeze(1)
+                    sel_d = sel.to(device)
+                    query.on_match(query.layer, frames[rows[sel]], int(keyframes[k]), index[sel_d], similarity[sel_d])
+            gathered = torch.gather(outputs[:, kf_d], 2, index[None, :, :, None].expand(n_branches, -1, -1, width))
+            w = weights[rows, j].to(device, outputs.dtype, non_blocking=True)
+            out[:, rows_d] += w.view(1, -1, 1, 1) * gathered
         return out
 
 
 class NoPropagation(Propagator):
     """Every frame edited independently with its own self-attention (the per-frame baseline)."""
 
-    uses_keyframes = False
+    uses_keyframes = False  # type: ignore[assignment]
+    needs_source = False  # type: ignore[assignment]
+    source_features = "clean"  # type: ignore[assignment]
+
+    def propagate(self, query: PropagationQuery) -> Tensor:
+        raise RuntimeError("NoPropagation never propagates: the pipeline edits every frame on its own")

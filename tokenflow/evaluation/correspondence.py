@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tokenflow.core.attention import TokenFlowRuntime
+from tokenflow.storage.atomic import atomic_file
 from tokenflow.evaluation.correspondence_plot import (coordinate_colormap, identity_colormap, plot_field, similarity_heatmap,
                                   warp_keyframe)
 from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.errors import ConfigError
 from tokenflow.models.trajectory import InversionResult
-from tokenflow.models.layout import UNetLayout
+from tokenflow.models.layout import UNetLayout, token_grid
 from tokenflow.core.pipeline import TokenFlowPipeline
-from tokenflow.core.propagation import TokenFlowPropagator
+from tokenflow.core.propagation import PropagationQuery, TokenFlowPropagator
 from tokenflow.core.search import NeighbourSearch
 
 __all__ = ["CorrespondenceField", "compute_field", "source_tokens", "resolve_layer", "token_grid",
@@ -92,23 +92,15 @@ class CorrespondenceField:
         return self.identity() - self.coordinates()
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write a safetensors file (tensors + JSON metadata) atomically: temp file, fsync, os.replace."""
+        """Write a safetensors file (tensors + JSON metadata) atomically."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"index": self.index, "similarity": self.similarity, "frames": self.frames,
                    "keyframes": self.keyframes}
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         meta = {"format": FIELD_FORMAT, "layer": self.layer, "timestep": int(self.timestep), "grid": list(self.grid)}
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={_META_KEY: json.dumps(meta)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(meta)})
         return path
 
     @classmethod
@@ -154,19 +146,6 @@ def resolve_layer(layout: UNetLayout, layer: str | int) -> str:
     return str(layer)
 
 
-def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
-    """(h, w) of a layer with ``n_tokens`` tokens for latents of size ``latent_hw``.
-
-    Each UNet downsampling (stride-2 conv, padding 1) maps a side n to ceil(n / 2).
-    """
-    h, w = latent_hw
-    while h * w > n_tokens and (h > 1 or w > 1):
-        h, w = -(-h // 2), -(-w // 2)
-    if h * w != n_tokens:
-        raise ValueError(f"{n_tokens} tokens match no downsampling of a {latent_hw} latent")
-    return h, w
-
-
 def _frame_indices(frames: list[int] | Tensor | None, n: int) -> Tensor:
     """(F,) int64 global frame indices (default: all ``n``); out-of-range indices are a ConfigError."""
     idx = torch.arange(n) if frames is None else torch.as_tensor(frames, dtype=torch.long).reshape(-1).cpu()
@@ -192,7 +171,7 @@ def source_tokens(model, inversion: InversionResult, layer: str | int, timestep:
     source = pipe.source_branch(prompt)  # the branch TokenFlow's edit runs: inversion prompt, inverted latents
     x = inversion.at(timestep)
     parts = []
-    runtime = TokenFlowRuntime(pipe.editor, pipe.propagator).install(model.unet, pipe.layout)
+    runtime = TokenFlowRuntime(pipe.editor, pipe.propagator, latent_hw=tuple(x.shape[-2:])).install(model.unet, pipe.layout)
     try:
         with torch.no_grad():
             for chunk in _frame_indices(frames, inversion.n_frames).split(chunk_size):
@@ -236,7 +215,8 @@ def compute_field(model, inversion: InversionResult, layer: str | int, timestep:
         index[:, k], similarity[:, k] = idx.cpu(), sim.float().cpu()
 
     dummy = tokens.new_zeros(1, 1, S, 1)  # keyframe outputs are not needed: width-1 placeholder
-    for k in range(len(kf)):
-        propagator.propagate(name, frames_t.to(tokens.device), kf[k:k + 1], query, keys[k:k + 1], dummy, record)
     grid = token_grid(tuple(inversion.latents.shape[-2:]), S)
+    for k in range(len(kf)):
+        propagator.propagate(PropagationQuery(name, grid, int(timestep), frames_t, kf[k:k + 1], dummy, query,
+                                              keys[k:k + 1], record))
     return CorrespondenceField(index, similarity, frames_t.clone(), kf, name, int(timestep), grid)

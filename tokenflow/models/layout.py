@@ -30,24 +30,31 @@ class UNetLayout:
     cross_attention: tuple[str, ...]
     decoder: tuple[DecoderLayer, ...]
     stage: dict[str, str]  # self-attention name -> "down" | "mid" | "up"
+    level: dict[str, int]  # attention layer name (attn1 and attn2) -> 2x downsamplings before it (0: latent size)
 
     @classmethod
     def from_unet(cls, unet: torch.nn.Module) -> "UNetLayout":
         self_attn: list[str] = []
         cross_attn: list[str] = []
         stage: dict[str, str] = {}
-        prefixes = [("down", f"down_blocks.{i}") for i in range(len(unet.down_blocks))]
+        level: dict[str, int] = {}
+        depth = 0
+        blocks = [("down", f"down_blocks.{i}", b) for i, b in enumerate(unet.down_blocks)]
         if getattr(unet, "mid_block", None) is not None:
-            prefixes.append(("mid", "mid_block"))
-        prefixes += [("up", f"up_blocks.{i}") for i in range(len(unet.up_blocks))]
-        for where, prefix in prefixes:
-            block = unet.get_submodule(prefix)
+            blocks.append(("mid", "mid_block", unet.mid_block))
+        blocks += [("up", f"up_blocks.{i}", b) for i, b in enumerate(unet.up_blocks)]
+        for where, prefix, block in blocks:
             for name, module in block.named_modules():
-                if name.endswith("attn1") and hasattr(module, "processor"):
-                    self_attn.append(f"{prefix}.{name}")
-                    stage[f"{prefix}.{name}"] = where
-                elif name.endswith("attn2") and hasattr(module, "processor"):
-                    cross_attn.append(f"{prefix}.{name}")
+                if name.endswith(("attn1", "attn2")) and hasattr(module, "processor"):
+                    full = f"{prefix}.{name}"
+                    level[full] = depth
+                    if name.endswith("attn1"):
+                        self_attn.append(full)
+                        stage[full] = where
+                    else:
+                        cross_attn.append(full)
+            step = bool(getattr(block, "downsamplers", None)) - bool(getattr(block, "upsamplers", None))
+            depth += step
         decoder: list[DecoderLayer] = []
         for b, block in enumerate(unet.up_blocks):
             attentions = getattr(block, "attentions", None) or []
@@ -57,7 +64,7 @@ class UNetLayout:
                     attn = tuple(f"up_blocks.{b}.attentions.{j}.{n}" for n, m in attentions[j].named_modules()
                                  if n.endswith("attn1") and hasattr(m, "processor"))
                 decoder.append(DecoderLayer(len(decoder), f"up_blocks.{b}.resnets.{j}", attn))
-        return cls(tuple(self_attn), tuple(cross_attn), tuple(decoder), stage)
+        return cls(tuple(self_attn), tuple(cross_attn), tuple(decoder), stage, level)
 
     def decoder_layer(self, index: int) -> DecoderLayer:
         if not 0 <= index < len(self.decoder):
@@ -75,6 +82,40 @@ class UNetLayout:
             names.extend(layer.self_attention)
         return tuple(names)
 
+    def pnp_layers(self) -> tuple[list[int], list[int]]:
+        """Plug-and-Play's injection sites for this UNet: (residual-feature layers, self-attention layers).
+
+        PnP injects the residual features of the second resnet of the first decoder block that has attention
+        and self-attention Q/K from that layer on: decoder layer 4 and layers 4-11 for SD 1.x/2.x (the
+        published choice), layer 1 and layers 1-5 for SDXL (the same place: the coarsest attention block).
+        """
+        first = next((d.index for d in self.decoder if d.self_attention), None)
+        if first is None:
+            raise ConfigError("this UNet's decoder has no self-attention — PnP needs one")
+        conv = first + 1 if first + 1 < len(self.decoder) else first
+        return [conv], [d.index for d in self.decoder if d.index >= conv and d.self_attention]
+
     def decoder_resnet_output(self, index: int) -> str:
         """Name of the conv whose output PnP replaces: ``conv2`` of the decoder layer's resnet (before the skip)."""
         return f"{self.decoder_layer(index).resnet}.conv2"
+
+
+def check_attention_supported(attn: torch.nn.Module, name: str, what: str) -> None:
+    """Refuse attention layers with norms/residuals the library's processors do not reproduce."""
+    if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None \
+            or getattr(attn, "residual_connection", False) or getattr(attn, "norm_q", None) is not None:
+        raise ConfigError(f"attention layer {name} uses norms/residuals the {what} does not support — use a Stable "
+                          "Diffusion 1.x/2.x or SDXL UNet")
+
+
+def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+    """(h, w) of a layer with ``n_tokens`` tokens for latents of size ``latent_hw``.
+
+    Each UNet downsampling (stride-2 conv, padding 1) maps a side n to ceil(n / 2).
+    """
+    h, w = latent_hw
+    while h * w > n_tokens and (h > 1 or w > 1):
+        h, w = -(-h // 2), -(-w // 2)
+    if h * w != n_tokens:
+        raise ValueError(f"{n_tokens} tokens match no downsampling of a {latent_hw} latent")
+    return h, w

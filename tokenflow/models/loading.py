@@ -1,20 +1,19 @@
-"""Load a Stable-Diffusion-family model (VAE, text encoder, tokenizer, UNet, DDIM scheduler).
+"""Load a Stable-Diffusion-family model: a hub id, a local folder, the offline ``tiny`` builds, or a pipeline.
 
-One code path for a hub id, a local folder and the offline ``tiny`` model. Device and dtype are
-resolved here and nowhere else (``auto``: CUDA + fp16 when available, else CPU + fp32).
+One code path for all of them (``from_pretrained`` per component). Device and dtype are resolved here
+and nowhere else (``auto``: CUDA + fp16 when available, else CPU + fp32).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
 
 from tokenflow.errors import ConfigError, ModelLoadError
+from tokenflow.models.backbone import DiffusionModel
 
 log = logging.getLogger(__name__)
 
@@ -46,94 +45,58 @@ def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype
     return _DTYPES[dtype]
 
 
-@dataclass
-class DiffusionModel:
-    """The components TokenFlow needs, on one device and dtype.
+def _model_index(path: str, local_files_only: bool, revision: str | None) -> dict[str, Any]:
+    """The folder's/repo's ``model_index.json`` (which components it has), or {} when there is none."""
+    folder = Path(path)
+    if folder.is_dir():
+        index = folder / "model_index.json"
+        return json.loads(index.read_text()) if index.is_file() else {}
+    try:
+        from huggingface_hub import hf_hub_download
 
-    ``identity`` names where the weights came from; ``fingerprint`` hashes configs and a sample of
-    weights so caches keyed on it never mix two different models.
-    """
-
-    vae: torch.nn.Module
-    text_encoder: torch.nn.Module
-    tokenizer: object
-    unet: torch.nn.Module
-    scheduler: object
-    device: torch.device
-    dtype: torch.dtype
-    identity: str
-    fingerprint: str = field(default="")
-    vae_batch: int = 8
-
-    def __post_init__(self) -> None:
-        if not self.fingerprint:
-            self.fingerprint = model_fingerprint(self)
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @torch.no_grad()
-    def encode_text(self, prompts: str | list[str]) -> Tensor:
-        """Prompts → text embeddings (n, 77, D) on the model's device and dtype."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        out = self.text_encoder(tokens.input_ids.to(self.device))[0]
-        return out.to(self.dtype)
-
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Images (N, 3, H, W) in [-1, 1] → latents (N, 4, H/8, W/8): posterior mean × scaling factor."""
-        latents = []
-        for chunk in images.split(self.vae_batch):
-            posterior = self.vae.encode(chunk.to(self.device, self.dtype)).latent_dist
-            latents.append(posterior.mean * self.latent_scale)
-        return torch.cat(latents)
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents (N, 4, h, w) → images (N, 3, 8h, 8w) in [-1, 1], float32 on CPU."""
-        images = []
-        for chunk in latents.split(self.vae_batch):
-            out = self.vae.decode(chunk.to(self.device, self.dtype) / self.latent_scale).sample
-            images.append(out.float().clamp(-1, 1).cpu())
-        return torch.cat(images)
+        return json.loads(Path(hf_hub_download(path, "model_index.json", revision=revision,
+                                               local_files_only=local_files_only)).read_text())
+    except Exception:  # offline or no index: load the SD components and let from_pretrained explain
+        return {}
 
 
-def model_fingerprint(model: DiffusionModel) -> str:
-    """Hash of every component's config plus a sample of UNet/VAE weights and the dtype."""
-    h = hashlib.sha256()
-    for part in (model.unet, model.vae, model.text_encoder):
-        cfg = part.config.to_dict() if hasattr(part.config, "to_dict") else dict(part.config)
-        h.update(json.dumps(cfg, sort_keys=True, default=str).encode())
-    h.update(json.dumps(dict(model.scheduler.config), sort_keys=True, default=str).encode())
-    for module in (model.unet.conv_in, model.unet.conv_out, model.vae.encoder.conv_in):
-        h.update(module.weight.detach().float().cpu().numpy().tobytes())
-    h.update(str(model.dtype).encode())
-    return h.hexdigest()[:20]
+def as_model(obj: Any) -> DiffusionModel:
+    """``obj`` as a :class:`DiffusionModel`: itself, or a diffusers pipeline's components; anything else is refused."""
+    if isinstance(obj, DiffusionModel):
+        return obj
+    if all(hasattr(obj, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+        return from_pipeline(obj)
+    raise ModelLoadError(f"expected a model, got {type(obj).__name__} — pass load_model(...)'s result or a loaded "
+                         "StableDiffusionPipeline/StableDiffusionXLPipeline")
 
 
-def load_model(source: str, device: str = "auto", dtype: str = "auto", revision: str | None = None,
+def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", revision: str | None = None,
                variant: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
-               tiny_seed: int = 0) -> DiffusionModel:
-    """Load SD components from a hub id, a local folder, or ``tiny`` (built offline, cached).
+               tiny_seed: int = 0, tiny_variant: str = "sd21-base") -> DiffusionModel:
+    """Load SD 1.x/2.x or SDXL components from a hub id, a local folder, or ``tiny`` (built offline, cached).
 
-    ``cache_dir`` is where the tiny model is built (default: the library's user cache dir).
+    ``tiny``: the offline test model, of ``tiny_variant`` (the real config of that checkpoint with tiny
+    widths, see :mod:`tokenflow.models.variants`), built once under ``cache_dir`` (default: the library's
+    user cache dir) and then loaded like any folder. An already loaded diffusers pipeline is accepted too
+    (see :func:`from_pipeline`).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    if not isinstance(source, (str, Path)):  # an already loaded pipeline or model
+        return as_model(source) if device == "auto" and dtype == "auto" else from_pipeline(
+            source, None if device == "auto" else device, None if dtype == "auto" else dtype)
+    source = str(source)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     identity = source
     if source == "tiny":
-        from tokenflow.paths import default_cache_dir
         from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
+        from tokenflow.paths import default_cache_dir
 
-        spec = TinyModelSpec(seed=tiny_seed)
+        spec = TinyModelSpec(seed=tiny_seed, variant=tiny_variant)
         path = str(tiny_model_folder(cache_dir or default_cache_dir(), spec))
-        identity = f"tiny:{spec.key()}"
+        identity = f"tiny:{tiny_variant}:{spec.key()}"
         local_files_only = True
     else:
         path = source
@@ -145,20 +108,65 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto", revision:
             identity = path
         elif source.startswith((".", "/", "~")):
             raise ModelLoadError(f"model folder '{source}' does not exist — check the path or use a hub id")
-    kw = dict(revision=revision, local_files_only=local_files_only)
+    kw: dict[str, Any] = dict(revision=revision, local_files_only=local_files_only)
+    index = _model_index(path, local_files_only, revision)
+    sdxl = index.get("text_encoder_2") not in (None, [None, None])
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, variant=variant, **kw)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch_dtype, variant=variant, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", torch_dtype=torch_dtype,
+                                                     variant=variant, **kw)
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
         scheduler = DDIMScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        text_encoder_2 = tokenizer_2 = None
+        if sdxl:
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                         torch_dtype=torch_dtype, variant=variant, **kw)
+            tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelLoadError(
             f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while online "
             "(or set HF_HUB_OFFLINE=0), or use model=tiny for the offline test model") from e
-    for part in (unet, vae, text_encoder):
-        part.to(dev).eval().requires_grad_(False)
-    log.info("loaded %s on %s (%s)", identity, dev, str(torch_dtype).replace("torch.", ""))
+    return _assemble(vae, text_encoder, tokenizer, unet, scheduler, dev, torch_dtype, identity, text_encoder_2,
+                     tokenizer_2)
+
+
+def _assemble(vae, text_encoder, tokenizer, unet, scheduler, device: torch.device, dtype: torch.dtype, identity: str,
+              text_encoder_2=None, tokenizer_2=None) -> DiffusionModel:
+    """Move the components to one device/dtype (the VAE in float32 where its config asks), eval, no grads."""
+    for part in (unet, vae, text_encoder, text_encoder_2):
+        if part is not None:
+            part.to(device)
+            if next(part.parameters()).dtype != dtype:
+                part.to(dtype)
+            part.eval().requires_grad_(False)
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+        vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers upcasts it the same way)
+    log.info("loaded %s on %s (%s)", identity, device, str(dtype).replace("torch.", ""))
     return DiffusionModel(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                          device=dev, dtype=torch_dtype, identity=identity)
+                          device=device, dtype=dtype, identity=identity, text_encoder_2=text_encoder_2,
+                          tokenizer_2=tokenizer_2)
+
+
+def from_pipeline(pipe: Any, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> DiffusionModel:
+    """A :class:`DiffusionModel` sharing the components of a loaded diffusers pipeline (LoRA weights and all).
+
+    Accepts ``StableDiffusionPipeline``-like and ``StableDiffusionXLPipeline``-like objects (anything with
+    ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler``); the scheduler's config is used
+    for DDIM. ``device``/``dtype`` default to the UNet's.
+    """
+    from diffusers import DDIMScheduler
+
+    missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+               if getattr(pipe, name, None) is None]
+    if missing:
+        raise ModelLoadError(f"{type(pipe).__name__} is not a Stable Diffusion pipeline (it has no {', '.join(missing)}) — "
+                             "pass a StableDiffusionPipeline/StableDiffusionXLPipeline, a hub id or a folder")
+    unet = pipe.unet
+    dev = torch.device(device) if device is not None else next(unet.parameters()).device
+    torch_dtype = resolve_dtype(dtype, dev) if dtype is not None else next(unet.parameters()).dtype
+    name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return _assemble(pipe.vae, pipe.text_encoder, pipe.tokenizer, unet, scheduler, dev, torch_dtype, f"pipeline:{name}",
+                     getattr(pipe, "text_encoder_2", None), getattr(pipe, "tokenizer_2", None))

@@ -31,6 +31,7 @@ class TinyModelSpec:
     """Widths and seed of the tiny pipeline; every field enters its cache key."""
 
     seed: int = 0
+    variant: str = "sd21-base"
     unet_channels: tuple[int, ...] = (32, 32, 64, 64)
     vae_channels: tuple[int, ...] = (16, 16, 32, 32)
     text_width: int = 32

@@ -11,17 +11,17 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from tokenflow.models.trajectory import InversionResult
+from tokenflow.storage.atomic import atomic_file
+from tokenflow.models.trajectory import InversionResult, NullTextEmbeddings
 
 log = logging.getLogger(__name__)
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 
 
 def cache_key(**parts: Any) -> str:
@@ -63,28 +63,30 @@ class InversionCache:
             if meta.get("key") != key or meta.get("checksum") != _checksum(tensors):
                 raise ValueError("checksum mismatch")
             extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+            null_text = None
+            if "null_text.table" in tensors:
+                null_text = NullTextEmbeddings(tensors["null_text.table"], float(meta["null_text_guidance_scale"]),
+                                               tensors.get("null_text.pooled"))
             return InversionResult(meta["timesteps"], tensors["latents"], tensors["clean"], meta["prompt"],
-                                   meta["settings"], extras)
+                                   meta["settings"], null_text, extras)
         except Exception as e:  # any damage means: recompute
             log.warning("inversion cache entry %s is damaged (%s): recomputing it", path.name, e)
             path.unlink(missing_ok=True)
             return None
 
     def save(self, key: str, result: InversionResult, **info: Any) -> Path:
-        """Write atomically: a temp file in the same directory, fsync, then rename over the target."""
+        """Write atomically (see :mod:`tokenflow.storage.atomic`)."""
         self.directory.mkdir(parents=True, exist_ok=True)
         tensors = {"latents": result.latents.contiguous(), "clean": result.clean.contiguous()}
         tensors.update({f"extra.{k}": v.contiguous() for k, v in result.extras.items()})
+        extra_meta: dict[str, Any] = {}
+        if result.null_text is not None:
+            tensors["null_text.table"] = result.null_text.table.contiguous()
+            if result.null_text.pooled is not None:
+                tensors["null_text.pooled"] = result.null_text.pooled.contiguous()
+            extra_meta["null_text_guidance_scale"] = result.null_text.guidance_scale
         manifest = {"key": key, "checksum": _checksum(tensors), "timesteps": list(result.timesteps),
-                    "prompt": result.prompt, "settings": result.settings, **info}
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"manifest": json.dumps(manifest, default=str)})
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path(key))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+                    "prompt": result.prompt, "settings": result.settings, **extra_meta, **info}
+        with atomic_file(self.path(key)) as tmp:
+            save_file(tensors, str(tmp), metadata={"manifest": json.dumps(manifest, default=str)})
         return self.path(key)

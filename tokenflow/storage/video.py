@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, VideoError
+from tokenflow.storage.atomic import atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BACKENDS = ("auto", "decord", "pyav")
@@ -130,27 +130,24 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path
     _check_frames(frames, "frames")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
         raise VideoError(f"frames are {frames.shape[1]}x{frames.shape[2]}; H.264 yuv420p needs even height and width — crop or resize")
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.stem}.{uuid.uuid4().hex}.tmp.mp4")  # .mp4 suffix: ffmpeg picks the container
     try:
-        writer = iio.get_writer(
-            str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=8,
-            macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
-        )
-        try:
-            for frame in frames:
-                writer.append_data(np.ascontiguousarray(frame))
-        except BaseException:
-            with contextlib.suppress(Exception):
-                writer.close()  # keep the original error, not ffmpeg's broken pipe
+        with atomic_file(p, suffix=".mp4") as tmp:  # .mp4: ffmpeg picks the container by the name
+            writer = iio.get_writer(
+                str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=8,
+                macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
+            )
+            try:
+                for frame in frames:
+                    writer.append_data(np.ascontiguousarray(frame))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    writer.close()  # keep the original error, not ffmpeg's broken pipe
+                raise
+            writer.close()
+    except Exception as exc:
+        if isinstance(exc, (ConfigError, VideoError)):
             raise
-        writer.close()
-        os.replace(tmp, p)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, Exception) and not isinstance(exc, (ConfigError, VideoError)):
-            raise VideoError(f"could not write video '{p}': {_one_line(exc)} — check disk space and permissions") from exc
-        raise
+        raise VideoError(f"could not write video '{p}': {_one_line(exc)} — check disk space and permissions") from exc
     return p
 
 
@@ -165,13 +162,8 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> list[Path]:
     paths = []
     for i, frame in enumerate(frames):
         dst = out / f"{i:05d}.png"
-        tmp = out / f".{dst.name}.{uuid.uuid4().hex}.tmp"
-        try:
+        with atomic_file(dst) as tmp:
             Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
-            os.replace(tmp, dst)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
         paths.append(dst)
     return paths
 

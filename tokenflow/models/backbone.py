@@ -1,0 +1,250 @@
+"""The diffusion backbone as TokenFlow uses it: text conditioning, one UNet noise prediction, VAE coding.
+
+:class:`DiffusionModel` wraps the components of a Stable Diffusion 1.x/2.x or SDXL checkpoint and is
+the one place that knows how they are called: prompts → :class:`TextEmbedding` (SDXL: two text
+encoders' penultimate states concatenated, plus the pooled embedding its added conditioning needs),
+latents → noise ε (any ``prediction_type``, float32 latents in and out, only the UNet's inputs cast
+to the model's dtype), images ↔ latents (the VAE in float32 where its config asks for it).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenflow.errors import ConfigError, ModelLoadError
+from tokenflow.models.ddim import alpha_bar, check_scheduler, clip_range, ddim_step, to_epsilon
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TextEmbedding:
+    """Text conditioning of a UNet call: ``hidden`` (n, L, D) and, for SDXL, ``pooled`` (n, P).
+
+    n is 1 (one prompt shared by every frame) or the number of frames of the video (e.g. null-text
+    embeddings, one per frame); :meth:`rows` turns it into the rows of a call's frames.
+    """
+
+    hidden: Tensor
+    pooled: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.hidden.shape[0]
+
+    def rows(self, frames: Tensor) -> "TextEmbedding":
+        """The embedding of each frame in ``frames`` (F,): per-frame rows, or the shared one repeated."""
+        def pick(t: Tensor | None) -> Tensor | None:
+            if t is None:
+                return None
+            if t.shape[0] == 1:
+                return t.expand(len(frames), *t.shape[1:])
+            return t[frames.to(t.device)]
+        return TextEmbedding(pick(self.hidden), pick(self.pooled))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "TextEmbedding":
+        pooled = None if self.pooled is None else self.pooled.to(device, dtype)
+        return TextEmbedding(self.hidden.to(device, dtype), pooled)
+
+    @staticmethod
+    def cat(parts: list["TextEmbedding"]) -> "TextEmbedding":
+        """Rows of several embeddings stacked (a batch over branches); all or none carry ``pooled``."""
+        pooled = [p.pooled for p in parts]
+        if any(p is None for p in pooled) and not all(p is None for p in pooled):
+            raise ConfigError("some branches carry a pooled text embedding and some do not — build every branch's "
+                              "embedding with model.encode_text(...)")
+        return TextEmbedding(torch.cat([p.hidden for p in parts]),
+                             None if pooled[0] is None else torch.cat(pooled))  # type: ignore[arg-type]
+
+
+def as_text_embedding(value: TextEmbedding | Tensor) -> TextEmbedding:
+    """Accept a bare (n, L, D) tensor where a :class:`TextEmbedding` is expected (SD 1.x/2.x branches)."""
+    return value if isinstance(value, TextEmbedding) else TextEmbedding(value)
+
+
+@dataclass
+class DiffusionModel:
+    """The components TokenFlow needs, on one device and dtype.
+
+    ``identity`` names where the weights came from (for logs); ``fingerprint`` identifies them by
+    content (every weight, every config, the dtype) so caches keyed on it never mix two models.
+    ``text_encoder_2``/``tokenizer_2`` are set for SDXL.
+    """
+
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    unet: torch.nn.Module
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    identity: str
+    text_encoder_2: torch.nn.Module | None = None
+    tokenizer_2: Any = None
+    vae_batch: int = 8
+    fingerprint: str = field(default="")
+
+    def __post_init__(self) -> None:
+        check_scheduler(self.scheduler)
+        check_architecture(self.unet, self.text_encoder_2)
+        if self.is_sdxl and (self.text_encoder_2 is None or self.tokenizer_2 is None):
+            raise ModelLoadError(f"'{self.identity}' has an SDXL UNet but no text_encoder_2/tokenizer_2 — load the whole "
+                                 "SDXL pipeline folder")
+        if not self.fingerprint:
+            from tokenflow.models.fingerprint import model_fingerprint
+
+            self.fingerprint = model_fingerprint(self)
+
+    @classmethod
+    def from_pipeline(cls, pipe: Any, device: str | torch.device | None = None,
+                      dtype: str | torch.dtype | None = None) -> "DiffusionModel":
+        """The components of a loaded diffusers (SD or SDXL) pipeline, e.g. with LoRA weights loaded."""
+        from tokenflow.models.loading import from_pipeline
+
+        return from_pipeline(pipe, device, dtype)
+
+    # ---- what kind of model ----------------------------------------------------------------------
+    @property
+    def is_sdxl(self) -> bool:
+        """The UNet takes SDXL's added time/text conditioning."""
+        return getattr(self.unet.config, "addition_embed_type", None) == "text_time"
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    # ---- text ------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_text(self, prompts: str | list[str]) -> TextEmbedding:
+        """Prompts → :class:`TextEmbedding` (n, L, D) on the model's device and dtype.
+
+        SD 1.x/2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden states
+        concatenated, and the second encoder's projected pooled output (as diffusers' SDXL pipelines).
+        A prompt longer than the tokenizer's limit is cut, with a warning naming what was dropped.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not self.is_sdxl:
+            ids = self._token_ids(self.tokenizer, prompts)
+            return TextEmbedding(self.text_encoder(ids)[0].to(self.dtype))
+        states, pooled = [], None
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            out = encoder(self._token_ids(tokenizer, prompts), output_hidden_states=True)
+            if out[0].ndim == 2:
+                pooled = out[0]
+            states.append(out.hidden_states[-2])
+        if pooled is None:
+            raise ModelLoadError(f"'{self.identity}': text_encoder_2 gives no pooled embedding — SDXL needs a "
+                                 "CLIPTextModelWithProjection there")
+        return TextEmbedding(torch.cat(states, dim=-1).to(self.dtype), pooled.to(self.dtype))
+
+    def _token_ids(self, tokenizer, prompts: list[str]) -> Tensor:
+        limit = tokenizer.model_max_length
+        for prompt in prompts:
+            ids = tokenizer(prompt, truncation=False).input_ids
+            if len(ids) > limit:
+                dropped = tokenizer.decode(ids[limit - 1 : -1])
+                log.warning("prompt %r is longer than the text encoder's %d tokens; dropped: %r", prompt, limit, dropped)
+        tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+        return tokens.input_ids.to(self.device)
+
+    # ---- the UNet --------------------------------------------------------------------------------
+    def alpha(self, t: int) -> float:
+        """ᾱ_t of the scheduler (t < 0: the final ᾱ, one step below the grid)."""
+        return alpha_bar(self.scheduler, t)
+
+    def ddim_step(self, x: Tensor, eps: Tensor, t_from: int, t_to: int) -> Tensor:
+        """DDIM from the noise level of ``t_from`` to that of ``t_to`` (either direction), float32."""
+        return ddim_step(x, eps, self.alpha(t_from), self.alpha(t_to), clip_range(self.scheduler))
+
+    def predict_noise(self, latents: Tensor, t: int, text: TextEmbedding | Tensor, *, level: int | None = None,
+                      image_latents: Tensor | None = None, unet_kwargs: dict[str, Any] | None = None) -> Tensor:
+        """The noise ε (B, C, h, w), float32, the UNet predicts for ``latents`` (B, C, h, w) at timestep ``t``.
+
+        ``text``: (B, L, D) conditioning; ``level``: the timestep whose noise level the latents are at, for
+        converting v/x0 predictions (default ``t``; inversion evaluates the UNet one step above it).
+        ``image_latents`` (B, C', h, w): extra input channels (InstructPix2Pix, depth), concatenated.
+        ``unet_kwargs``: further UNet inputs (e.g. ControlNet residuals). Differentiable (null-text).
+        """
+        text = as_text_embedding(text)
+        x = latents if image_latents is None else torch.cat([latents, image_latents.to(latents)], dim=1)
+        expected = self.unet.config.in_channels
+        if x.shape[1] != expected:
+            raise ConfigError(f"this UNet takes {expected} input channels but the call has {x.shape[1]} "
+                              f"({latents.shape[1]} latent + {x.shape[1] - latents.shape[1]} image) — "
+                              + ("an inpainting or image-conditioned UNet needs an editor that supplies its extra "
+                                 "channels (e.g. editor=ip2p), or use a text-to-image checkpoint"
+                                 if expected > latents.shape[1] else "use a text-to-image checkpoint"))
+        kwargs = dict(unet_kwargs or {})
+        if self.is_sdxl:
+            if text.pooled is None:
+                raise ConfigError("SDXL needs a pooled text embedding in every branch — build branch embeddings with "
+                                  "model.encode_text(...), not bare tensors")
+            kwargs["added_cond_kwargs"] = {"text_embeds": text.pooled.to(self.device, self.dtype),
+                                           "time_ids": self.time_ids(x.shape[0], tuple(latents.shape[-2:]))}
+        out = self.unet(x.to(self.device, self.dtype), t, encoder_hidden_states=text.hidden.to(self.device, self.dtype),
+                        **kwargs).sample
+        return to_epsilon(out, latents.to(out.device), self.alpha(t if level is None else level), self.prediction_type)
+
+    def time_ids(self, batch: int, latent_hw: tuple[int, int]) -> Tensor:
+        """SDXL micro-conditioning (B, 6): original size, crop (0, 0), target size — the frame's own size."""
+        h, w = (s * self.vae_scale_factor for s in latent_hw)
+        ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype)
+        return ids.expand(batch, -1)
+
+    # ---- the VAE ---------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (N, 3, H, W) in [-1, 1] → latents (N, C, H/8, W/8) float32: posterior mean × scaling factor."""
+        latents = []
+        for chunk in images.split(self.vae_batch):
+            posterior = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist
+            latents.append(posterior.mean.float() * self.latent_scale)
+        return torch.cat(latents)
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents (N, C, h, w) → images (N, 3, 8h, 8w) in [-1, 1], float32 on CPU."""
+        images = []
+        for chunk in latents.split(self.vae_batch):
+            out = self.vae.decode(chunk.to(self.device, self.vae_dtype) / self.latent_scale).sample
+            images.append(out.float().clamp(-1, 1).cpu())
+        return torch.cat(images)
+
+
+def check_architecture(unet: torch.nn.Module, text_encoder_2: torch.nn.Module | None = None) -> None:
+    """Refuse, in one line, a UNet whose conditioning this library does not drive."""
+    cfg = unet.config
+    added = getattr(cfg, "addition_embed_type", None)
+    if added not in (None, "text_time"):
+        raise ModelLoadError(f"UNet addition_embed_type={added!r} is not supported — SD 1.x/2.x (none) and SDXL "
+                             "('text_time') are")
+    if getattr(cfg, "class_embed_type", None) is not None or getattr(cfg, "num_class_embeds", None):
+        raise ModelLoadError("this UNet is class-conditioned (e.g. an upscaler) — use a text-to-image checkpoint")
+    if getattr(cfg, "encoder_hid_dim_type", None) is not None:
+        raise ModelLoadError(f"UNet encoder_hid_dim_type={cfg.encoder_hid_dim_type!r} (an image-prompt/IF-style UNet) "
+                             "is not supported — use a Stable Diffusion 1.x/2.x or SDXL checkpoint")
+    if added == "text_time" and text_encoder_2 is not None:
+        needed = unet.add_embedding.linear_1.in_features
+        proj = getattr(text_encoder_2.config, "projection_dim", None)
+        if proj is None or cfg.addition_time_embed_dim * 6 + proj != needed:
+            raise ModelLoadError("this SDXL UNet expects a different added conditioning (an SDXL refiner with aesthetic "
+                                 "scores?) — use an SDXL base checkpoint")
