@@ -71,3 +71,32 @@ def test_wrong_keys_and_types_fail_with_the_key_name():
 def test_editor_is_importable_without_hydra():
     editor = PnPEditor(guidance_scale=5.0, pnp_attn_t=0.3)
     assert editor.config.guidance_scale == 5.0 and editor.config.attn_layers is None  # derived from the UNet at install
+
+
+def test_seeds_and_guidance_follow_the_run():
+    """The SDEdit noise seed moves with the run seed; null-text inversion optimises for the editor's guidance."""
+    cfg = _compose(overrides=["editor=sdedit", "editor.noise=random", "seed=5"])
+    assert cfg.editor.seed == 5 and cfg.keyframes.seed == 5
+    assert build(cfg.editor).config.seed == 5
+    cfg = _compose(overrides=["inverter=nulltext", "editor.guidance_scale=4.5"])
+    assert cfg.inverter.guidance_scale == 4.5 and build(cfg.inverter).config.guidance_scale == 4.5
+
+
+def test_negative_prompt_defaults_to_empty_for_null_text():
+    from tokenflow.cli.config import DEFAULT_NEGATIVE_PROMPT, negative_prompt
+
+    for inverter, expected in (("ddim", DEFAULT_NEGATIVE_PROMPT), ("nulltext", "")):
+        cfg = _compose(overrides=[f"inverter={inverter}"])
+        assert negative_prompt(cfg, build(cfg.inverter)) == expected
+    cfg = _compose(overrides=["inverter=nulltext", "negative_prompt=blurry"])
+    assert negative_prompt(cfg, build(cfg.inverter)) == "blurry"  # refused later by the editor, with one line
+
+
+def test_modes_are_checked_by_omegaconf_and_in_python():
+    cfg = _compose(overrides=["propagator.blend=papr"])
+    with pytest.raises(ConfigError, match="blend"):
+        build(cfg.propagator)
+    from tokenflow.core.propagation import TokenFlowPropagator
+
+    with pytest.raises(ConfigError, match="propagator.source_features='dirty' is unknown — use one of 'clean', 'propagated'"):
+        TokenFlowPropagator(source_features="dirty")

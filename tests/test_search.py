@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 
 import pytest
 import torch
@@ -210,10 +211,44 @@ def test_missing_faiss(monkeypatch):
 
 
 @needs_faiss
-def test_auto_prefers_faiss_flat():
+def test_auto_measures_once_per_shape_and_keeps_the_faster(monkeypatch):
     auto = make_search("auto", max_block_elements=1000)
-    assert auto.exact and auto.backend_for(torch.zeros(1, 4)) is auto.faiss
-    assert auto.faiss.index == "flat"
+    assert auto.exact and auto.faiss.index == "flat"
+    assert auto.backend_for(torch.zeros(1, 4)) is auto.faiss  # before any measurement
+    gen = torch.Generator().manual_seed(3)
+    queries, keys = torch.randn(2, 50, 16, generator=gen), torch.randn(2, 60, 16, generator=gen)
+    calls = {"torch": 0, "faiss": 0}
+    for backend, name in ((auto.torch, "torch"), (auto.faiss, "faiss")):
+        original = backend.search
+
+        def counted(q, k, original=original, name=name):
+            calls[name] += 1
+            if name == "torch":
+                time.sleep(0.05)  # make torch the slow one: auto must keep faiss
+            return original(q, k)
+        monkeypatch.setattr(backend, "search", counted)
+    for _ in range(3):
+        index, sim = auto.search(queries, keys)
+        assert_matches(index, sim, queries, keys)
+    assert calls == {"torch": 1, "faiss": 3}  # both timed on the first call only
+    (picked, t_torch, t_faiss), = auto.choices.values()
+    assert picked == "faiss" and t_torch > t_faiss
+    auto.search(torch.randn(2, 7, 16), torch.randn(2, 60, 16))  # a new shape is measured again
+    assert len(auto.choices) == 2 and calls["torch"] == 2
+
+
+@needs_faiss
+def test_faiss_flat_builds_no_index_and_copies_nothing(monkeypatch):
+    """Exact faiss search goes through faiss.knn on the tensors: building an index would fail here."""
+    import faiss
+
+    def no_index(*args, **kwargs):
+        raise AssertionError("flat search must not build an index")
+    monkeypatch.setattr(faiss, "IndexFlatIP", no_index)
+    gen = torch.Generator().manual_seed(4)
+    queries, keys = torch.randn(3, 40, 32, generator=gen), torch.randn(3, 50, 32, generator=gen)
+    index, sim = FaissNeighbourSearch("flat").search(queries, keys)
+    assert_matches(index, sim, queries, keys)
 
 
 def test_recall_at_1():
@@ -226,18 +261,20 @@ def test_recall_at_1():
 @pytest.mark.gpu
 @needs_faiss
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_faiss_gpu_flat_matches_torch_on_cuda():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_faiss_gpu_flat_matches_torch_on_cuda(dtype):
     flat = FaissNeighbourSearch("flat")
     if not flat.gpu_supported():
         pytest.skip("faiss build without GPU support (pip install 'tokenflow-video[gpu]')")
     gen = torch.Generator().manual_seed(5)
-    queries = torch.randn(2, 300, 64, generator=gen).cuda()
-    keys = torch.randn(2, 400, 64, generator=gen).cuda()
-    index, sim = flat.search(queries, keys)
+    queries = torch.randn(2, 300, 64, generator=gen).cuda().to(dtype)
+    keys = torch.randn(2, 400, 64, generator=gen).cuda().to(dtype)
+    index, sim = flat.search(queries, keys)  # knn_gpu on the device tensors, fp16 kept
     assert index.is_cuda and sim.is_cuda and flat._gpu_res is not None
-    t_index, t_sim = TorchNeighbourSearch().search(queries, keys)
-    assert_matches(index.cpu(), sim.cpu(), queries.cpu(), keys.cpu())
-    torch.testing.assert_close(sim, t_sim, atol=1e-5, rtol=0)
+    t_index, t_sim = TorchNeighbourSearch().search(queries.float(), keys.float())
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(sim, t_sim, atol=atol, rtol=0)
+    assert recall_at_1(index, t_index) > (0.999 if dtype == torch.float32 else 0.97)
 
 
 

@@ -4,11 +4,16 @@ One :class:`TokenFlowSelfAttention` per self-attention layer (``attn1`` of every
 What it does depends on the phase of the UNet call, read from the shared :class:`TokenFlowRuntime`:
 
 * ``keyframes``: branches marked ``joint`` run *extended* attention (each keyframe's queries attend
-  to the keys/values of all keyframes, via ``scaled_dot_product_attention``); the source branch runs
-  per-frame attention. The layer input tokens of the source branch and every branch's output are kept.
+  to the keys/values of all keyframes in the call, via ``scaled_dot_product_attention``); the source
+  branch runs per-frame attention. What propagation reads is kept: the source branch's input tokens
+  and the propagated branches' outputs, by keyframe.
+* ``anchors``: as ``keyframes`` (joint over the call's keyframes, the *anchors*), and the joint
+  branches' keys and values are kept as the step's shared attention context.
+* ``anchored``: each keyframe of the call attends to its own keys/values and the anchors' — a bounded
+  context, the same whatever other keyframes exist (long videos, :class:`KeyframeAttention`).
 * ``propagate``: the edit branches' attention is not computed; each token takes the keyframe output
-  at its nearest neighbour (the propagator decides how). The source branch computes its own attention
-  (``clean`` source features) or is propagated too.
+  the propagator gives it. The source branch computes its own attention (``clean`` source features)
+  or is propagated too.
 * ``frames``: ordinary per-frame attention (per-frame baseline, plain sampling).
 
 The editor's ``self_attention`` hook (e.g. PnP Q/K injection) runs wherever attention is computed.
@@ -17,6 +22,7 @@ Installing saves the UNet's processors; :meth:`TokenFlowRuntime.remove` puts the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -25,16 +31,66 @@ from torch import Tensor
 
 from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator
+from tokenflow.errors import ConfigError
 from tokenflow.models.layout import UNetLayout, check_attention_supported, token_grid
+from tokenflow.options import choice
+
+
+class KeyframeContext(str, Enum):
+    all = "all"           # every keyframe attends to all keyframes of the step (the paper; one UNet call)
+    anchors = "anchors"   # every keyframe attends to itself and a few anchor keyframes (bounded memory)
+
+
+@dataclass
+class KeyframeAttention:
+    """What each keyframe attends to in the keyframe pass.
+
+    ``all`` (the method, the default): one UNet call over all K keyframes, each attending to every
+    keyframe; memory grows with K. ``anchors``: ``anchors`` keyframes spread evenly over the step's
+    keyframes are edited jointly first; every other keyframe attends to its own tokens and the anchors'
+    (a fixed global subset), in calls of ``chunk_size`` frames, and the video is processed in segments of
+    ``segment`` keyframes so only those keyframes' tokens are held: memory flat in video length.
+    """
+
+    context: KeyframeContext = KeyframeContext.all
+    anchors: int = 4
+    segment: int = 4
+
+    def __post_init__(self) -> None:
+        self.context = choice(KeyframeContext, self.context, "attention.context")
+        if self.anchors < 1 or self.segment < 1:
+            raise ConfigError(f"attention.anchors={self.anchors} and attention.segment={self.segment} must be >= 1 — "
+                              "e.g. anchors=4 segment=4")
+
+    @property
+    def bounded(self) -> bool:
+        return self.context == KeyframeContext.anchors
 
 
 @dataclass
 class KeyframeTokens:
-    """What a layer keeps from the keyframe pass for propagation: the source branch's input tokens (K, S, C)
-    when the propagator reads them, and the outputs (B', K, S, C) of the branches it propagates."""
+    """What a layer keeps from keyframe passes for propagation, by keyframe (``ids``, sorted global indices):
+    the source branch's input tokens (K, S, C) when the propagator reads them, and the outputs (B', K, S, C)
+    of the branches it propagates."""
 
+    ids: list[int]
     source: Tensor | None
     outputs: Tensor
+
+    def merged(self, other: "KeyframeTokens") -> "KeyframeTokens":
+        """This and ``other``'s keyframes together, sorted by keyframe index (``other`` wins on a repeat)."""
+        ids = sorted(set(self.ids) | set(other.ids))
+        pick = [(other, other.ids.index(i)) if i in other.ids else (self, self.ids.index(i)) for i in ids]
+        source = None if self.source is None else torch.stack([t.source[j] for t, j in pick])  # type: ignore[index]
+        return KeyframeTokens(ids, source, torch.stack([t.outputs[:, j] for t, j in pick], dim=1))
+
+    def kept(self, ids: set[int]) -> "KeyframeTokens | None":
+        """Only the keyframes in ``ids`` (None when none remain)."""
+        pos = [j for j, i in enumerate(self.ids) if i in ids]
+        if not pos:
+            return None
+        return KeyframeTokens([self.ids[j] for j in pos], None if self.source is None else self.source[pos],
+                              self.outputs[:, pos])
 
 
 @dataclass
@@ -48,6 +104,7 @@ class TokenFlowRuntime:
     on_match: CorrespondenceCallback | None = None
     step: Step | None = None
     keyframe_tokens: dict[str, KeyframeTokens] = field(default_factory=dict)
+    anchor_kv: dict[str, tuple[Tensor, Tensor]] = field(default_factory=dict)  # layer -> anchors' K, V (Bj, A, S, C)
     _saved: dict | None = None
     _handles: list = field(default_factory=list)
     _unet: torch.nn.Module | None = None
@@ -66,6 +123,20 @@ class TokenFlowRuntime:
         self._handles = list(self.editor.install(unet, layout, lambda: self.step))
         return self
 
+    def keep_keyframes(self, ids: set[int]) -> None:
+        """Drop the stored tokens of every keyframe not in ``ids`` (propagation will not read them again)."""
+        for name in list(self.keyframe_tokens):
+            kept = self.keyframe_tokens[name].kept(ids)
+            if kept is None:
+                del self.keyframe_tokens[name]
+            else:
+                self.keyframe_tokens[name] = kept
+
+    def clear_step(self) -> None:
+        """Forget everything kept for the current denoising step."""
+        self.keyframe_tokens.clear()
+        self.anchor_kv.clear()
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -73,7 +144,7 @@ class TokenFlowRuntime:
         if self._saved is not None and self._unet is not None:
             self._unet.set_attn_processor(self._saved)
         self._saved, self._unet = None, None
-        self.keyframe_tokens.clear()
+        self.clear_step()
 
     def __enter__(self) -> "TokenFlowRuntime":
         return self
@@ -104,14 +175,27 @@ class TokenFlowSelfAttention:
             out = self._propagate(attn, x, step, src)
         else:
             q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
-            joint = [b.joint and step.phase == "keyframes" for b in step.branches]
-            out = torch.stack([self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], joint[i])[0] for i in range(n_branches)])
-            if step.phase == "keyframes":  # keep only what propagation will read
-                propagator = self.runtime.propagator
-                keep = [i for i in range(n_branches) if not (i == src and propagator.source_features == "clean")]
-                source = x[src] if src is not None and propagator.needs_source else None
-                self.runtime.keyframe_tokens[self.name] = KeyframeTokens(source, out[keep])
+            joint = [b.joint and step.phase in ("keyframes", "anchors") for b in step.branches]
+            if step.phase == "anchored":
+                out = self._anchored(attn, q, k, v, step)
+            else:
+                out = torch.stack([self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], joint[i])[0]
+                                   for i in range(n_branches)])
+            if step.phase == "anchors":
+                shared = [i for i, b in enumerate(step.branches) if b.joint]
+                self.runtime.anchor_kv[self.name] = (k[shared], v[shared])
+            if step.phase in ("keyframes", "anchors", "anchored"):
+                self._keep(x, out, step, src)
         return rearrange(out, "b f s c -> (b f) s c")
+
+    def _keep(self, x: Tensor, out: Tensor, step: Step, src: int | None) -> None:
+        """Store what propagation will read for this call's keyframes (and nothing else)."""
+        propagator = self.runtime.propagator
+        keep = [i for i in range(out.shape[0]) if not (i == src and propagator.source_features == "clean")]
+        source = x[src] if src is not None and propagator.needs_source else None
+        tokens = KeyframeTokens([int(f) for f in step.frames.tolist()], source, out[keep])
+        previous = self.runtime.keyframe_tokens.get(self.name)
+        self.runtime.keyframe_tokens[self.name] = tokens if previous is None else previous.merged(tokens)
 
     @staticmethod
     def _qkv(attn, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -134,8 +218,30 @@ class TokenFlowSelfAttention:
         else:
             qq, kk, vv = (_heads(rearrange(t, "b f s c -> (b f) s c"), h) for t in (q, k, v))
             out = rearrange(F.scaled_dot_product_attention(qq, kk, vv), "(b f) h s d -> b f s (h d)", b=b)
-        out = attn.to_out[1](attn.to_out[0](out))
-        return out / attn.rescale_output_factor
+        return self._project(attn, out)
+
+    @staticmethod
+    def _project(attn, out: Tensor) -> Tensor:
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+    def _anchored(self, attn, q: Tensor, k: Tensor, v: Tensor, step: Step) -> Tensor:
+        """Each frame's queries attend to its own keys/values and the anchors' (joint branches); the other
+        branches per frame. q, k, v (B, F, S, C) → (B, F, S, C_out)."""
+        anchor_k, anchor_v = self.runtime.anchor_kv[self.name]  # (Bj, A, S, C)
+        h, outs, j = attn.heads, [], 0
+        for i, branch in enumerate(step.branches):
+            if not branch.joint:
+                outs.append(self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], joint=False)[0])
+                continue
+            n = q.shape[1]
+            kk = torch.cat([k[i].unsqueeze(1), anchor_k[j].unsqueeze(0).expand(n, -1, -1, -1)], dim=1)
+            vv = torch.cat([v[i].unsqueeze(1), anchor_v[j].unsqueeze(0).expand(n, -1, -1, -1)], dim=1)
+            kk, vv = (_heads(rearrange(t, "f a s c -> f (a s) c"), h) for t in (kk, vv))
+            qq = _heads(q[i], h)
+            parts = [F.scaled_dot_product_attention(qc, kk, vv) for qc in qq.split(self.runtime.attention_chunk, dim=2)]
+            outs.append(self._project(attn, rearrange(torch.cat(parts, dim=2), "f h s d -> f s (h d)")))
+            j += 1
+        return torch.stack(outs)
 
     def _propagate(self, attn, x: Tensor, step: Step, src: int | None) -> Tensor:
         """Outputs of every branch for the frames of a propagate-phase call, x (B, F, S, C)."""
@@ -150,7 +256,7 @@ class TokenFlowSelfAttention:
         moved = [i for i in range(x.shape[0]) if not (compute_source and i == src)]
         query = PropagationQuery(
             layer=self.name, grid=token_grid(self.runtime.latent_hw, x.shape[2]), timestep=step.timestep,
-            frames=step.frames, keyframes=step.keyframes, keyframe_outputs=stored.outputs,
+            frames=step.frames, keyframes=torch.tensor(stored.ids, dtype=torch.long), keyframe_outputs=stored.outputs,
             source=x[src] if propagator.needs_source else None,
             keyframe_source=stored.source if propagator.needs_source else None, on_match=self.runtime.on_match)
         propagated = propagator.propagate(query)

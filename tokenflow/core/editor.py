@@ -77,7 +77,7 @@ class Step:
     index: int                 # 0-based position in the editing schedule
     timestep: int
     n_steps: int
-    phase: Literal["keyframes", "propagate", "frames"]
+    phase: Literal["keyframes", "anchors", "anchored", "propagate", "frames"]
     frames: Tensor             # global indices of the frames in this call (F,)
     keyframes: Tensor          # global keyframe indices at this step (K,), empty without keyframes
     branches: tuple[Branch, ...] = field(default_factory=tuple)

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tokenflow.core.attention import TokenFlowRuntime
+from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime
+from tokenflow.core.distributed import Ranks
 from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import DDIMInverter, Inverter
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
@@ -69,11 +70,18 @@ class TokenFlowPipeline:
 
     def __init__(self, model, editor: KeyframeEditor, propagator: Propagator | None = None,
                  keyframes: KeyframeSchedule | None = None, inverter: Inverter | None = None,
-                 n_steps: int = 50, chunk_size: int = 8, cache: InversionCache | None = None) -> None:
+                 n_steps: int = 50, chunk_size: int = 8, cache: InversionCache | None = None,
+                 attention: KeyframeAttention | None = None, ranks: Ranks | None = None) -> None:
         if n_steps < 1 or chunk_size < 1:
             raise ConfigError(f"n_steps={n_steps} and chunk_size={chunk_size} must be >= 1 — use positive numbers")
         self.model, self.editor = as_model(model), editor
         self.propagator = propagator or TokenFlowPropagator()
+        self.attention = attention or KeyframeAttention()
+        self.ranks = ranks or Ranks.current()  # several processes share the chunk passes (tokenflow.core.distributed)
+        if self.attention.bounded and not self.propagator.reuses_keyframe_pass:
+            raise ConfigError(f"attention.context=anchors needs a propagator that reproduces keyframes exactly "
+                              f"(the paper blend); {type(self.propagator).__name__} does not — use propagator.blend=paper "
+                              "or attention.context=all")
         self.keyframes = keyframes or RandomKeyframes()
         self.inverter = inverter or DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
         self.n_steps, self.chunk_size, self.cache = n_steps, chunk_size, cache
@@ -131,23 +139,65 @@ class TokenFlowPipeline:
         """One TokenFlow step over all frames: keyframe pass, then chunks with propagation → new latents.
 
         When the propagator reproduces a keyframe exactly (``reuses_keyframe_pass``), keyframes keep their
-        keyframe-pass result and the chunk pass covers the other frames only.
+        keyframe-pass result and the chunk pass covers the other frames only. With several processes each
+        computes the keyframe pass and its share of the chunks; the new latents are merged at the end.
         """
         args = (runtime, x, inversion, index, timesteps)
-        out = torch.empty_like(x)
+        out = torch.zeros_like(x)
+        owned = torch.zeros(x.shape[0], dtype=torch.bool)
+        everything = torch.arange(x.shape[0])
         if not self.propagator.uses_keyframes:
-            for frames in torch.arange(x.shape[0]).split(self.chunk_size):
-                out[frames] = self.step_frames(*args, frames, torch.empty(0, dtype=torch.long), "frames", source).to(out)
-            return out
-        kf = torch.tensor(keyframes, dtype=torch.long)
-        new_keyframes = self.step_frames(*args, kf, kf, "keyframes", source)  # also fills runtime.keyframe_tokens
-        rest = torch.arange(x.shape[0])
-        if self.propagator.reuses_keyframe_pass:
-            out[kf] = new_keyframes.to(out)
-            rest = rest[~torch.isin(rest, kf)]
-        for frames in rest.split(self.chunk_size) if len(rest) else ():
-            out[frames] = self.step_frames(*args, frames, kf, "propagate", source).to(out)
-        return out
+            for c, frames in enumerate(_chunks(everything, self.chunk_size)):
+                if self.ranks.owns(c):
+                    out[frames] = self.step_frames(*args, frames, torch.empty(0, dtype=torch.long), "frames", source).to(out)
+                    owned[frames] = True
+            return self.ranks.merge(out, owned)
+        runtime.clear_step()
+        kf = torch.tensor(sorted(keyframes), dtype=torch.long)
+        if self.attention.bounded:
+            return self._denoise_segments(args, out, owned, kf, source)
+        out[kf] = self.step_frames(*args, kf, kf, "keyframes", source).to(out)  # also fills runtime.keyframe_tokens
+        reuse = self.propagator.reuses_keyframe_pass
+        owned[kf] = self.ranks.main and reuse  # else keyframes are recomputed (and owned) in the chunk pass
+        rest = everything[~torch.isin(everything, kf)] if reuse else everything
+        for c, frames in enumerate(_chunks(rest, self.chunk_size)):
+            if self.ranks.owns(c):
+                out[frames] = self.step_frames(*args, frames, kf, "propagate", source).to(out)
+                owned[frames] = True
+        return self.ranks.merge(out, owned)
+
+    def _denoise_segments(self, args: tuple, out: Tensor, owned: Tensor, kf: Tensor, source: Branch | None) -> Tensor:
+        """Bounded keyframe context (``attention.context=anchors``): anchors jointly, then the video in segments
+        of ``attention.segment`` keyframes, each keyframe attending to itself and the anchors, each segment's
+        frames propagated from its keyframes before the next segment starts; only the keyframes still needed
+        are held. With several processes, segments go round-robin; a rank also recomputes the keyframes of the
+        segment before each of its own (the same calls as a single process would make) for the boundary."""
+        runtime = args[0]
+        n = out.shape[0]
+        picks = torch.linspace(0, len(kf) - 1, min(self.attention.anchors, len(kf))).round().long().unique()
+        anchors = kf[picks]
+        out[anchors] = self.step_frames(*args, anchors, kf, "anchors", source).to(out)
+        owned[anchors] = self.ranks.main
+        others = kf[~torch.isin(kf, anchors)]
+        segments = kf.split(self.attention.segment)
+        for s, segment in enumerate(segments):
+            mine, boundary = self.ranks.owns(s), s + 1 < len(segments) and self.ranks.owns(s + 1)
+            if not (mine or boundary):
+                continue
+            for chunk in _chunks(others[torch.isin(others, segment)], self.chunk_size):
+                if mine or int(segment[-1]) in chunk.tolist():
+                    out[chunk] = self.step_frames(*args, chunk, kf, "anchored", source).to(out)
+                    owned[chunk] = mine
+            first = 0 if s == 0 else int(segments[s - 1][-1]) + 1
+            last = n - 1 if s == len(segments) - 1 else int(segment[-1])
+            frames = torch.arange(first, last + 1)
+            if mine:
+                for chunk in _chunks(frames[~torch.isin(frames, kf)], self.chunk_size):
+                    out[chunk] = self.step_frames(*args, chunk, kf, "propagate", source).to(out)
+                    owned[chunk] = True
+            later = {int(k) for k in anchors if int(k) > last}
+            runtime.keep_keyframes({int(segment[-1])} | later)  # the boundary keyframe and anchors still to come
+        return self.ranks.merge(out, owned)
 
     def source_branch(self, inversion_prompt: str) -> Branch | None:
         """The source branch (inverted latents, inversion prompt) if the editor or the propagator needs it."""
@@ -202,6 +252,11 @@ class TokenFlowPipeline:
         result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video)
         result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), **result.timings}
         return result
+
+
+def _chunks(frames: Tensor, size: int) -> tuple[Tensor, ...]:
+    """``frames`` split into calls of at most ``size`` (none for an empty tensor)."""
+    return frames.split(size) if len(frames) else ()
 
 
 def _rows(t: Tensor, frames: Tensor) -> Tensor:

@@ -8,11 +8,13 @@ backends here bound the memory of that step and make it pluggable:
 * :class:`TorchNeighbourSearch` -- exact, blocked matmul + max (the reference oracle).
 * :class:`FaissNeighbourSearch` -- faiss ``flat`` (exact), ``ivf`` / ``hnsw`` (approximate),
   on GPU when the faiss GPU build is installed and the tensors live on CUDA.
+* :class:`AutoNeighbourSearch` -- the faster exact backend, measured once per shape.
 * :func:`make_search` -- pick a backend by name (``"auto"``, ``"faiss"``, ``"torch"``).
 """
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Callable
 
@@ -162,15 +164,15 @@ class TorchNeighbourSearch(NeighbourSearch):
 
 
 class FaissNeighbourSearch(NeighbourSearch):
-    """faiss inner-product search on L2-normalised float32 vectors.
+    """faiss inner-product search on L2-normalised vectors.
 
-    ``index="flat"`` is exact (``IndexFlatIP``; ``GpuIndexFlatIP`` on GPU). ``"ivf"``
-    (``IndexIVFFlat``, trained on each call's keys, ``nlist`` clipped to the number of keys,
-    ``nprobe`` lists probed) and ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links,
-    ``ef_search`` beam; CPU only) are approximate. Keys change on every call, so one index is
-    built per batch element; queries are searched in blocks of at most
-    ``max_block_elements // max(K, C)`` rows. ``use_gpu=None`` uses the GPU iff the faiss GPU
-    build sees a GPU and the queries are on CUDA; one ``StandardGpuResources`` per object.
+    ``index="flat"`` is exact: faiss's brute-force kNN called on the torch tensors through its torch
+    interop (``knn_gpu`` on device memory, fp16/bf16 kept, on the GPU; ``knn`` on float32 CPU tensors), no
+    index built, no host copy. ``"ivf"`` (``IndexIVFFlat``, trained on each call's keys, ``nlist`` clipped
+    to the number of keys, ``nprobe`` lists probed) and ``"hnsw"`` (``IndexHNSWFlat``, ``hnsw_m`` links,
+    ``ef_search`` beam; CPU only) are approximate: one index per batch element over host copies, queries
+    in blocks of at most ``max_block_elements // max(K, C)`` rows. ``use_gpu=None`` uses the GPU iff the
+    faiss GPU build sees a GPU and the queries are on CUDA; one ``StandardGpuResources`` per object.
     """
 
     name = "faiss"
@@ -240,6 +242,41 @@ class FaissNeighbourSearch(NeighbourSearch):
 
     def search(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
         q3, k3, two_d = self._batched(queries, keys)
+        if self.index == "flat":
+            index, sim = self._flat(q3, k3)
+        else:
+            index, sim = self._indexed(q3, k3)
+        return (index[0], sim[0]) if two_d else (index, sim)
+
+    def _flat(self, q3: Tensor, k3: Tensor) -> tuple[Tensor, Tensor]:
+        """Exact search with faiss's brute-force kNN on the tensors themselves (its torch interop): on the GPU
+        ``knn_gpu`` reads device memory (fp16/bf16 as is), on the CPU ``knn`` reads the float32 tensors; no index
+        is built and nothing is copied to the host."""
+        faiss = self._torch_faiss()
+        device = self._gpu_device(q3)
+        B, Q, _ = q3.shape
+        index = torch.empty(B, Q, dtype=torch.int64, device=q3.device)
+        sim = torch.empty(B, Q, dtype=torch.float32, device=q3.device)
+        on_gpu = device is not None and q3.is_cuda
+        dtype = q3.dtype if on_gpu and q3.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        for b in range(B):
+            kn = _normalise(k3[b], dtype).contiguous()
+            qn = _normalise(q3[b], dtype).contiguous()
+            if on_gpu:
+                d, i = faiss.knn_gpu(self._gpu_res, qn, kn, 1, metric=faiss.METRIC_INNER_PRODUCT, device=device)
+            else:
+                d, i = faiss.knn(qn.cpu(), kn.cpu(), 1, metric=faiss.METRIC_INNER_PRODUCT)
+            index[b], sim[b] = i[:, 0].to(q3.device), d[:, 0].to(q3.device)
+        return index, sim
+
+    def _torch_faiss(self) -> Any:
+        """faiss with its torch interop installed (``faiss.contrib.torch_utils`` accepts torch tensors)."""
+        import faiss.contrib.torch_utils  # noqa: F401  (patches faiss to take torch tensors; idempotent)
+
+        return self._faiss
+
+    def _indexed(self, q3: Tensor, k3: Tensor) -> tuple[Tensor, Tensor]:
+        """Approximate search (IVF/HNSW): an index per batch element over host copies of the keys."""
         B, Q, C = q3.shape
         K = k3.shape[1]
         device = self._gpu_device(q3)
@@ -258,13 +295,17 @@ class FaissNeighbourSearch(NeighbourSearch):
                     full = torch.from_numpy(qn)[missing] @ torch.from_numpy(kn).T
                     d[missing], i[missing] = full.max(dim=1)
                 index[b, r0:r0 + rows], sim[b, r0:r0 + rows] = i, d
-        index, sim = index.to(q3.device), sim.to(q3.device)
-        return (index[0], sim[0]) if two_d else (index, sim)
+        return index.to(q3.device), sim.to(q3.device)
 
 
 class AutoNeighbourSearch(NeighbourSearch):
-    """Exact search: faiss flat when faiss is importable (and, for CUDA tensors, is a GPU
-    build), else :class:`TorchNeighbourSearch`. Chosen per call from the queries' device."""
+    """Exact search by whichever exact backend is faster here: torch (blocked matmul) or faiss flat.
+
+    The first call for each (device, query count, key count, width) times both backends on that call's own
+    data and keeps the faster for later calls of that shape (a handful of shapes per run: one per UNet
+    resolution). Without faiss, or with a CPU-only faiss and CUDA tensors, torch is used. ``choices`` records
+    what was picked, with both timings, for logs and benchmarks.
+    """
 
     name = "auto"
     exact = True
@@ -274,15 +315,48 @@ class AutoNeighbourSearch(NeighbourSearch):
         self.faiss = (FaissNeighbourSearch("flat", use_gpu=use_gpu,
                                            max_block_elements=max_block_elements)
                       if faiss_available() else None)
+        self.choices: dict[tuple, tuple[str, float, float]] = {}  # shape key -> (backend, torch s, faiss s)
 
-    def backend_for(self, queries: Tensor) -> NeighbourSearch:
-        """The backend that :meth:`search` uses for these queries."""
+    def candidates(self, queries: Tensor) -> list[NeighbourSearch]:
+        """The exact backends usable for these queries."""
         if self.faiss is None or (queries.is_cuda and not self.faiss.gpu_supported()):
-            return self.torch
-        return self.faiss
+            return [self.torch]
+        return [self.torch, self.faiss]
+
+    def backend_for(self, queries: Tensor, keys: Tensor | None = None) -> NeighbourSearch:
+        """The backend :meth:`search` uses (after the first call of this shape: the measured winner)."""
+        options = self.candidates(queries)
+        if len(options) == 1:
+            return options[0]
+        picked = self.choices.get(self._key(queries, keys))
+        if picked is None:
+            return self.faiss  # type: ignore[return-value]  (before measuring: faiss flat, the exact index)
+        return self.torch if picked[0] == "torch" else self.faiss  # type: ignore[return-value]
+
+    @staticmethod
+    def _key(queries: Tensor, keys: Tensor | None) -> tuple:
+        return (queries.device.type, queries.shape[-2], None if keys is None else keys.shape[-2], queries.shape[-1])
 
     def search(self, queries: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:
-        return self.backend_for(queries).search(queries, keys)
+        options = self.candidates(queries)
+        key = self._key(queries, keys)
+        if len(options) == 1 or key in self.choices:
+            return self.backend_for(queries, keys).search(queries, keys)
+        timings, results = [], []
+        for backend in options:
+            _sync(queries)
+            start = time.perf_counter()
+            results.append(backend.search(queries, keys))
+            _sync(queries)
+            timings.append(time.perf_counter() - start)
+        winner = 0 if timings[0] <= timings[1] else 1
+        self.choices[key] = (options[winner].name if winner == 0 else "faiss", timings[0], timings[1])
+        return results[winner]
+
+
+def _sync(x: Tensor) -> None:
+    if x.is_cuda:
+        torch.cuda.synchronize(x.device)
 
 
 def make_search(backend: str = "auto", **kw: Any) -> NeighbourSearch:
