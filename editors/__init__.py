@@ -1,8 +1,11 @@
 """Keyframe-editor backends for TokenFlow: ``from tokenflow.editors import PnPEditor``."""
 from tokenflow.core.guidance import GuidedEditor
+from tokenflow.editors.controlnet import CFGEditor, ControlNetConfig, ControlNetEditor, ControlSpec
+from tokenflow.editors.ip2p import InstructPix2PixConfig, InstructPix2PixEditor
 from tokenflow.editors.p2p import PromptToPromptConfig, PromptToPromptEditor
 from tokenflow.editors.pnp import PnPConfig, PnPEditor
 from tokenflow.editors.sdedit import SDEditConfig, SDEditEditor
 
-__all__ = ["GuidedEditor", "PnPConfig", "PnPEditor", "PromptToPromptConfig", "PromptToPromptEditor", "SDEditConfig",
-           "SDEditEditor"]
+__all__ = ["CFGEditor", "ControlNetConfig", "ControlNetEditor", "ControlSpec", "GuidedEditor", "InstructPix2PixConfig",
+           "InstructPix2PixEditor", "PnPConfig", "PnPEditor", "PromptToPromptConfig", "PromptToPromptEditor",
+           "SDEditConfig", "SDEditEditor"]

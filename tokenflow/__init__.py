@@ -2,7 +2,10 @@
 
 Everything a research script needs is importable from here; backends live in ``tokenflow.editors``.
 """
+from tokenflow.core.attention import KeyframeAttention
+from tokenflow.core.distributed import Ranks
 from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step
+from tokenflow.core.flow_propagation import FlowPropagator
 from tokenflow.core.guidance import GuidedEditor, UnconditionalEmbedding, cfg
 from tokenflow.core.inversion import DDIMInverter, Inverter, reconstruct, sample
 from tokenflow.core.keyframes import FixedKeyframes, KeyframeSchedule, RandomKeyframes
@@ -20,9 +23,9 @@ from tokenflow.storage.video import Video, read_video, write_frames, write_video
 __version__ = "0.1.0"
 __all__ = [
     "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
-    "FixedKeyframes", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeEditor",
+    "FixedKeyframes", "FlowPropagator", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
     "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
-    "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Step", "TextEmbedding", "TokenFlowError",
+    "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Ranks", "Step", "TextEmbedding", "TokenFlowError",
     "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "UNetLayout", "UnconditionalEmbedding", "Video",
     "VideoError", "cfg", "from_pipeline", "invert_video", "load_model", "read_video", "reconstruct", "sample",
     "sample_with_null_text", "write_frames", "write_video",

@@ -114,6 +114,7 @@ class EditInputs:
     negative_prompt: str
     inversion_prompt: str
     timesteps: list[int]       # the full sampling grid, noisiest first
+    frames: Any = None         # (N, H, W, 3) uint8 input frames when the caller has them (e.g. ControlNet conditions)
 
 
 class KeyframeEditor(ABC):
@@ -133,6 +134,13 @@ class KeyframeEditor(ABC):
     @abstractmethod
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
         """Noise predictions by branch name (F, C, h, w), float32 → the noise used for the DDIM step."""
+
+    def check(self, model) -> None:
+        """Refuse, before any inversion is computed, a model this editor cannot drive (one clear line)."""
+
+    def source_branch(self, branch: Branch) -> Branch:
+        """The source branch the pipeline adds, adapted to this editor (e.g. image latents); default as is."""
+        return branch
 
     def timesteps(self, grid: list[int]) -> list[int]:
         """The timesteps this editor denoises through (SDEdit starts part-way)."""

@@ -3,6 +3,10 @@
 An inversion keeps, for every frame, the latent at each timestep the editor will visit, so PnP's
 source branch and TokenFlow's correspondences can read the source video at any editing step. Latents
 and DDIM arithmetic stay in float32 whatever the model's dtype (only the UNet's inputs are cast).
+
+An image-conditioned UNet (InstructPix2Pix: latents + the input frames' latents, 8 channels) cannot be
+inverted from text alone: inversion, reconstruction and the editor's source branch condition it on the
+frames' own image latents (:func:`image_conditioning`) and the inversion prompt.
 """
 from __future__ import annotations
 
@@ -18,6 +22,22 @@ from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
 from tokenflow.models.trajectory import InversionResult
+
+
+def image_conditioning(model, clean: Tensor) -> Tensor | None:
+    """Extra input channels an image-conditioned UNet reads for frames with latents ``clean`` (N, C, h, w).
+
+    InstructPix2Pix-style UNets (in_channels = 2C) read the VAE posterior mode of the frames *without* the
+    scaling factor; ``clean`` is the posterior mean (= mode) times that factor, so this is clean / factor,
+    float32 (N, C, h, w). None for a text-to-image UNet (in_channels = C).
+    """
+    in_channels, c = int(model.unet.config.in_channels), model.latent_channels
+    if in_channels == c:
+        return None
+    if in_channels != 2 * c:
+        raise ConfigError(f"this UNet takes {in_channels} input channels — only text-to-image ({c}) and "
+                          f"InstructPix2Pix-style ({2 * c}: latents + image latents) UNets are supported")
+    return clean.float() / model.latent_scale
 
 
 class Inverter(ABC):
@@ -56,7 +76,10 @@ class DDIMInverterConfig:
 
 
 class DDIMInverter(Inverter):
-    """Deterministic DDIM inversion conditioned on the inversion prompt, without guidance."""
+    """Deterministic DDIM inversion conditioned on the inversion prompt, without guidance.
+
+    An image-conditioned (InstructPix2Pix) UNet is also conditioned on the frames' image latents.
+    """
 
     Config = DDIMInverterConfig
 
@@ -82,15 +105,18 @@ class DDIMInverter(Inverter):
         grid = ddim_timesteps(model.scheduler, self.config.n_steps)[::-1]  # 1, ..., 981: least noisy first
         keep = set(self.kept_timesteps(model.scheduler))
         cond = model.encode_text(prompt)
+        image = image_conditioning(model, clean)
         kept: dict[int, list[Tensor]] = {t: [] for t in keep}
-        chunks = clean.split(self.config.batch_size)
+        chunks = torch.arange(clean.shape[0]).split(self.config.batch_size)
         bar = tqdm(total=len(grid) * len(chunks), desc="DDIM inversion", unit="step", disable=not progress)
-        for chunk in chunks:
-            x = chunk.to(model.device, torch.float32)
+        for frames in chunks:
+            x = clean[frames].to(model.device, torch.float32)
             text = cond.rows(torch.arange(len(x)))
+            extra = None if image is None else image[frames]
             for i, t in enumerate(grid):
                 t_prev = grid[i - 1] if i > 0 else -1
-                eps = model.predict_noise(x, t, text, level=t_prev)  # the UNet at t, the latents at t_prev's level
+                # the UNet at t, the latents at t_prev's level
+                eps = model.predict_noise(x, t, text, level=t_prev, image_latents=extra)
                 x = model.ddim_step(x, eps, t_prev, t)
                 if t in keep:
                     kept[t].append(x.cpu())
@@ -106,12 +132,14 @@ UncondSource = TextEmbedding | Callable[[int, Tensor], TextEmbedding] | None
 
 @torch.no_grad()
 def sample(model, x: Tensor, timesteps: list[int], cond: TextEmbedding | Tensor, uncond: UncondSource = None,
-           guidance_scale: float = 1.0, batch_size: int = 8, progress: bool = True, desc: str = "DDIM sampling") -> Tensor:
+           guidance_scale: float = 1.0, batch_size: int = 8, progress: bool = True, desc: str = "DDIM sampling",
+           image_latents: Tensor | None = None) -> Tensor:
     """Plain DDIM sampling of independent frames from ``x`` (N, C, h, w) at ``timesteps[0]`` down the grid.
 
     cond: (1, L, D) or per-frame (N, L, D) text embedding. uncond, used when ``guidance_scale != 1``: an
     embedding like ``cond``, or a function (step index, frames (F,)) → (F, L, D) embedding (null-text
-    tables). Returns the clean latents (N, C, h, w) float32 on CPU.
+    tables). image_latents: (N, C', h, w) extra input channels of an image-conditioned UNet, given to both
+    branches. Returns the clean latents (N, C, h, w) float32 on CPU.
     """
     from tokenflow.models.backbone import as_text_embedding
 
@@ -123,13 +151,15 @@ def sample(model, x: Tensor, timesteps: list[int], cond: TextEmbedding | Tensor,
     for frames in chunks:
         z = x[frames].to(model.device, torch.float32)
         c = cond.rows(frames)
+        image = None if image_latents is None else image_latents[frames]
         for i, t in enumerate(timesteps):
             if guided:
                 u = uncond(i, frames) if callable(uncond) else as_text_embedding(uncond).rows(frames)
-                e_u, e_c = model.predict_noise(torch.cat([z, z]), t, TextEmbedding.cat([u, c])).chunk(2)
+                both = None if image is None else torch.cat([image, image])
+                e_u, e_c = model.predict_noise(torch.cat([z, z]), t, TextEmbedding.cat([u, c]), image_latents=both).chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)
             else:
-                eps = model.predict_noise(z, t, c)
+                eps = model.predict_noise(z, t, c, image_latents=image)
             z = model.ddim_step(z, eps, t, previous_timestep(timesteps, i))
             bar.update(1)
         out.append(z.cpu())
@@ -138,7 +168,9 @@ def sample(model, x: Tensor, timesteps: list[int], cond: TextEmbedding | Tensor,
 
 
 def reconstruct(model, inversion: InversionResult, steps: list[int] | None = None, progress: bool = True) -> Tensor:
-    """DDIM-sample the inversion back to clean latents from its noisiest kept grid timestep, guidance 1."""
+    """DDIM-sample the inversion back to clean latents from its noisiest kept grid timestep, guidance 1
+    (an image-conditioned UNet reads the frames' image latents, as in the inversion)."""
     steps = steps or ddim_timesteps(model.scheduler, int(inversion.settings.get("keep_steps", len(inversion.timesteps))))
     cond = model.encode_text(inversion.prompt)
-    return sample(model, inversion.at(steps[0]), steps, cond, progress=progress, desc="reconstruction")
+    return sample(model, inversion.at(steps[0]), steps, cond, progress=progress, desc="reconstruction",
+                  image_latents=image_conditioning(model, inversion.clean))

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tokenflow.core.inversion import DDIMInverter, Inverter, sample
+from tokenflow.core.inversion import DDIMInverter, Inverter, image_conditioning, sample
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
@@ -52,9 +52,12 @@ class NullTextInverterConfig:
                               "use e.g. lr=0.01, early_stop=1e-5")
 
 
-def _guided_eps(model, z: Tensor, t: int, uncond: TextEmbedding, cond: TextEmbedding, guidance_scale: float) -> Tensor:
-    """CFG noise for latents z (F, C, h, w) with per-frame embeddings uncond/cond (F, L, D), float32."""
-    e_u, e_c = model.predict_noise(torch.cat([z, z]), t, TextEmbedding.cat([uncond, cond])).chunk(2)
+def _guided_eps(model, z: Tensor, t: int, uncond: TextEmbedding, cond: TextEmbedding, guidance_scale: float,
+                image: Tensor | None = None) -> Tensor:
+    """CFG noise for latents z (F, C, h, w) with per-frame embeddings uncond/cond (F, L, D), float32; ``image``
+    (F, C', h, w): an image-conditioned UNet's extra channels (both halves)."""
+    both = None if image is None else torch.cat([image, image])
+    e_u, e_c = model.predict_noise(torch.cat([z, z]), t, TextEmbedding.cat([uncond, cond]), image_latents=both).chunk(2)
     return e_u + guidance_scale * (e_c - e_u)
 
 
@@ -96,6 +99,8 @@ class NullTextInverter(Inverter):
         uncond = null.hidden.float().expand(len(frames), -1, -1).clone()
         pooled = None if null.pooled is None else null.pooled.float().expand(len(frames), -1)
         z = inversion.latents[0, frames].to(model.device).float()
+        image = image_conditioning(model, inversion.clean[frames])
+        image = None if image is None else image.to(model.device)
         targets = list(inversion.latents[1:, frames]) + [inversion.clean[frames]]  # x*_{t_{i+1}}, last: z0
         saved = [p.requires_grad for p in model.unet.parameters()]
         model.unet.requires_grad_(False)
@@ -104,11 +109,11 @@ class NullTextInverter(Inverter):
             for i, t in enumerate(timesteps):
                 t_next = previous_timestep(timesteps, i)
                 with torch.no_grad():
-                    e_c = model.predict_noise(z, t, cond)
-                uncond = self._fit(model, z, t, t_next, e_c, uncond, pooled, targets[i].to(z), i, bar)
+                    e_c = model.predict_noise(z, t, cond, image_latents=image)
+                uncond = self._fit(model, z, t, t_next, e_c, uncond, pooled, targets[i].to(z), i, bar, image)
                 table.append(uncond.cpu())
                 with torch.no_grad():
-                    eps = _guided_eps(model, z, t, TextEmbedding(uncond, pooled), cond, c.guidance_scale)
+                    eps = _guided_eps(model, z, t, TextEmbedding(uncond, pooled), cond, c.guidance_scale, image)
                     z = model.ddim_step(z, eps, t, t_next)
         finally:
             for p, flag in zip(model.unet.parameters(), saved):
@@ -116,7 +121,7 @@ class NullTextInverter(Inverter):
         return torch.stack(table)
 
     def _fit(self, model, z: Tensor, t: int, t_next: int, e_c: Tensor, uncond: Tensor, pooled: Tensor | None,
-             target: Tensor, i: int, bar) -> Tensor:
+             target: Tensor, i: int, bar, image: Tensor | None = None) -> Tensor:
         """Adam on the null embeddings (F, L, D) of step i so the CFG step from z (F, C, h, w) hits ``target``."""
         c = self.config
         uncond = uncond.detach().clone().requires_grad_(True)
@@ -127,7 +132,7 @@ class NullTextInverter(Inverter):
             idx = active.nonzero().squeeze(1)
             with torch.enable_grad():
                 text = TextEmbedding(uncond[idx], None if pooled is None else pooled[idx])
-                e_u = model.predict_noise(z[idx], t, text)
+                e_u = model.predict_noise(z[idx], t, text, image_latents=None if image is None else image[idx])
                 eps = e_u + c.guidance_scale * (e_c[idx] - e_u)
                 losses = (model.ddim_step(z[idx], eps, t, t_next) - target[idx]).pow(2).flatten(1).mean(1)  # (F_active,)
                 optimiser.zero_grad()
@@ -167,4 +172,4 @@ def sample_with_null_text(model, inversion: InversionResult, prompt_embedding: T
 
     scale = null.guidance_scale if guidance_scale is None else guidance_scale
     return sample(model, inversion.latents[0], inversion.timesteps, prompt_embedding, uncond, scale, batch_size,
-                  progress, desc="null-text reconstruction")
+                  progress, desc="null-text reconstruction", image_latents=image_conditioning(model, inversion.clean))

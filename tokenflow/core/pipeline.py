@@ -203,7 +203,8 @@ class TokenFlowPipeline:
         """The source branch (inverted latents, inversion prompt) if the editor or the propagator needs it."""
         if not (self.editor.needs_source or self.propagator.needs_source):
             return None
-        return Branch(SOURCE, self.model.encode_text(inversion_prompt), latents="source", joint=False)
+        return self.editor.source_branch(Branch(SOURCE, self.model.encode_text(inversion_prompt), latents="source",
+                                                joint=False))
 
     # ---- the whole edit --------------------------------------------------------------------------
     def edit(self, inversion: InversionResult, prompt: str, negative_prompt: str = "", inversion_prompt: str | None = None,
@@ -215,7 +216,9 @@ class TokenFlowPipeline:
         """
         grid = ddim_timesteps(self.model.scheduler, self.n_steps)
         inputs = EditInputs(self.model, inversion, prompt, negative_prompt,
-                            inversion.prompt if inversion_prompt is None else inversion_prompt, grid)
+                            inversion.prompt if inversion_prompt is None else inversion_prompt, grid,
+                            None if video is None else video.frames)
+        self.editor.check(self.model)
         self.editor.prepare(inputs)
         timesteps = self.editor.timesteps(grid)
         missing = [t for t in timesteps if not inversion.has(t)]
@@ -246,6 +249,7 @@ class TokenFlowPipeline:
     def __call__(self, video: Video, prompt: str, negative_prompt: str = "", inversion_prompt: str = "",
                  progress: bool = True, on_match: CorrespondenceCallback | None = None) -> EditResult:
         """Invert ``video`` (cached) and edit it towards ``prompt``."""
+        self.editor.check(self.model)  # before the inversion: a model the editor cannot drive fails at once
         t0 = time.perf_counter()
         inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
         t_inv = time.perf_counter() - t0

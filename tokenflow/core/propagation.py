@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -71,7 +72,7 @@ class PropagationInputs:
     timesteps: list[int]             # the timesteps the edit runs through
     keyframes: list[list[int]]       # keyframes at each of those steps
     latent_hw: tuple[int, int]       # (h, w) of the latents
-    frames: Any = None               # (N, H, W, 3) uint8 input frames when the caller has them, else None
+    frames: np.ndarray | None = None  # (N, H, W, 3) uint8 input frames when the caller has them, else None
 
 
 @dataclass
