@@ -65,11 +65,16 @@ class DDIMInverterConfig:
     keep_steps: int = 50       # keep the latents on the n-step DDIM grid the editor samples on
     keep_final: bool = False   # also keep the last inverted latent (t = 999 for 500 steps), as the official code
     batch_size: int = 8        # frames per UNet call
+    fixed_point: int = 0       # extra UNet evaluations per step refining x_t so the DDIM step back from it lands
+                               # exactly on x_{t-1} (fixed-point inversion): exact round trips with few steps
 
     def __post_init__(self) -> None:
         for name in ("n_steps", "keep_steps", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"inverter.{name}={getattr(self, name)} must be >= 1 — use a positive number")
+        if self.fixed_point < 0:
+            raise ConfigError(f"inverter.fixed_point={self.fixed_point} must be >= 0 — 0 is plain DDIM inversion, "
+                              "1-3 refine each step")
         if self.keep_steps > self.n_steps:
             raise ConfigError(f"inverter.keep_steps={self.keep_steps} exceeds n_steps={self.n_steps} — "
                               "invert with at least as many steps as the editor samples")
@@ -78,7 +83,12 @@ class DDIMInverterConfig:
 class DDIMInverter(Inverter):
     """Deterministic DDIM inversion conditioned on the inversion prompt, without guidance.
 
-    An image-conditioned (InstructPix2Pix) UNet is also conditioned on the frames' image latents.
+    Plain DDIM inversion approximates the noise at x_t by the noise at x_{t-1}; with ``fixed_point`` = k it
+    then re-evaluates the noise at its x_t estimate k times, each time recomputing x_t from x_{t-1} with it,
+    which converges to the x_t whose DDIM sampling step returns to x_{t-1} (fixed-point inversion, as in
+    Pan et al. 2023 and ReNoise, Garibi et al. 2024): k + 1 UNet evaluations per step instead of 1, and far
+    fewer steps for the same reconstruction. An image-conditioned (InstructPix2Pix) UNet is also
+    conditioned on the frames' image latents.
     """
 
     Config = DDIMInverterConfig
@@ -117,7 +127,10 @@ class DDIMInverter(Inverter):
                 t_prev = grid[i - 1] if i > 0 else -1
                 # the UNet at t, the latents at t_prev's level
                 eps = model.predict_noise(x, t, text, level=t_prev, image_latents=extra)
-                x = model.ddim_step(x, eps, t_prev, t)
+                x_t = model.ddim_step(x, eps, t_prev, t)
+                for _ in range(self.config.fixed_point):  # the noise where sampling will evaluate it: at x_t
+                    x_t = model.ddim_step(x, model.predict_noise(x_t, t, text, image_latents=extra), t_prev, t)
+                x = x_t
                 if t in keep:
                     kept[t].append(x.cpu())
                 bar.update(1)

@@ -18,6 +18,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime
+from tokenflow.core.correspondence_cache import record_key
 from tokenflow.core.distributed import Ranks
 from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import DDIMInverter, Inverter
@@ -224,12 +225,13 @@ class TokenFlowPipeline:
         missing = [t for t in timesteps if not inversion.has(t)]
         if missing and (self.editor.needs_source or self.propagator.uses_keyframes):
             raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
-        source = self.source_branch(inputs.inversion_prompt)
         x = self.editor.initial_latents(inputs, timesteps).float()
         schedule = self.keyframes.sequence(len(timesteps), inversion.n_frames)
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
-        self.propagator.prepare(PropagationInputs(self.model, inversion, timesteps, schedule, latent_hw,
-                                                  None if video is None else video.frames))
+        self.propagator.prepare(PropagationInputs(
+            self.model, inversion, timesteps, schedule, latent_hw, None if video is None else video.frames,
+            source_identity=self._source_identity(inversion, inputs.inversion_prompt), partial=self.ranks.distributed))
+        source = self.source_branch(inputs.inversion_prompt)  # after prepare: what the propagator needs is known
         self.unet_evaluations = 0
         t0 = time.perf_counter()
         runtime = TokenFlowRuntime(self.editor, self.propagator, latent_hw=latent_hw, on_match=on_match)
@@ -238,6 +240,7 @@ class TokenFlowPipeline:
             with torch.no_grad():
                 for i in tqdm(range(len(timesteps)), desc="TokenFlow editing", unit="step", disable=not progress):
                     x = self.denoise_step(runtime, x, inversion, i, timesteps, schedule[i], source)
+            self.propagator.finish()
         finally:
             runtime.remove()
         t_edit = time.perf_counter() - t0
@@ -245,6 +248,13 @@ class TokenFlowPipeline:
         frames = frames_from_tensor(self.model.decode_latents(x))
         timings = {"editing_s": t_edit, "decoding_s": time.perf_counter() - t0}
         return EditResult(frames, x, schedule, timesteps, timings, self.unet_evaluations)
+
+    def _source_identity(self, inversion: InversionResult, inversion_prompt: str) -> str:
+        """What the source branch's tokens depend on: the model, the inversion, the source prompt and the editor
+        (editors may shape the source branch); keys reusable correspondence records."""
+        return record_key(model=self.model.fingerprint, settings=inversion.settings, prompt=inversion.prompt,
+                          timesteps=inversion.timesteps, clean=inversion.clean, source_prompt=inversion_prompt,
+                          editor=f"{type(self.editor).__module__}.{type(self.editor).__qualname__}")
 
     def __call__(self, video: Video, prompt: str, negative_prompt: str = "", inversion_prompt: str = "",
                  progress: bool = True, on_match: CorrespondenceCallback | None = None) -> EditResult:

@@ -10,18 +10,24 @@ blended between two keyframes. ``NoPropagation`` edits every frame on its own (t
 """
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Literal
+from pathlib import Path
+from typing import Any, Callable, Literal, Optional
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from tokenflow.core.correspondence_cache import CorrespondenceRecord, record_key
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError
 from tokenflow.options import choice
+from tokenflow.paths import default_cache_dir
+
+log = logging.getLogger(__name__)
 
 # (layer, frames (R,), keyframe index, neighbour index (R, S), similarity (R, S)) -> None
 CorrespondenceCallback = Callable[[str, Tensor, int, Tensor, Tensor], None]
@@ -73,6 +79,8 @@ class PropagationInputs:
     keyframes: list[list[int]]       # keyframes at each of those steps
     latent_hw: tuple[int, int]       # (h, w) of the latents
     frames: np.ndarray | None = None  # (N, H, W, 3) uint8 input frames when the caller has them, else None
+    source_identity: str = ""        # hash of what the source branch's tokens depend on (model, inversion, prompt)
+    partial: bool = False            # this process steps only its share of the frames (several processes)
 
 
 @dataclass
@@ -124,6 +132,9 @@ class Propagator(ABC):
     def prepare(self, inputs: PropagationInputs) -> None:
         """Compute what depends only on the video, once per edit (e.g. optical flow); default nothing."""
 
+    def finish(self) -> None:
+        """Called once the edit's last step is done (e.g. to write what was recorded); default nothing."""
+
     @abstractmethod
     def propagate(self, query: PropagationQuery) -> Tensor:
         """The self-attention outputs (B, F, S, D) of the query's frames, from the keyframes'."""
@@ -144,6 +155,11 @@ class TokenFlowPropagatorConfig:
     blend: Blend = Blend.paper
     stride: int = 8                                   # chunk length the reference blend assumes
     source_features: SourceFeatures = SourceFeatures.clean
+    reuse_correspondences: bool = False               # record the fields of the first edit of a video, read them in
+                                                      # the next ones (prompt sweeps): no search, no source branch
+                                                      # unless the editor needs one
+    cache_dir: Optional[str] = None                   # where records go: <cache_dir>/correspondences (None: the
+                                                      # library's cache dir)
 
     def __post_init__(self) -> None:
         self.blend = choice(Blend, self.blend, "propagator.blend")
@@ -166,9 +182,38 @@ class TokenFlowPropagator(Propagator):
     def __init__(self, search: NeighbourSearch | None = None, **config: Any) -> None:
         self.config = TokenFlowPropagatorConfig(**config)
         self.search = search or TorchNeighbourSearch()
+        self._record: CorrespondenceRecord | None = None
+        self._recording = False
 
     uses_keyframes = True  # type: ignore[assignment]
-    needs_source = True  # type: ignore[assignment]
+
+    @property
+    def needs_source(self) -> bool:  # type: ignore[override]
+        """Source tokens are needed unless this edit reads a complete correspondence record."""
+        return not self.replaying
+
+    @property
+    def replaying(self) -> bool:
+        return self._record is not None and self._record.complete
+
+    def prepare(self, inputs: PropagationInputs) -> None:
+        self._record, self._recording = None, False
+        if not self.config.reuse_correspondences:
+            return
+        key = record_key(source=inputs.source_identity, keyframes=inputs.keyframes, timesteps=inputs.timesteps,
+                         blend=self.config.blend.value, stride=self.config.stride,
+                         source_features=self.config.source_features.value, search=self.search.name,
+                         exact=self.search.exact)
+        root = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
+        self._record = CorrespondenceRecord(root / "correspondences" / key)
+        self._recording = not self._record.complete and not inputs.partial
+        log.info("correspondences: %s %s", "reading" if self.replaying else "recording" if self._recording else
+                 "computing (a share of the frames: not recorded)", self._record.folder)
+
+    def finish(self) -> None:
+        if self._recording and self._record is not None:
+            self._record.finish({"format": 1})
+        self._recording = False
 
     @property
     def source_features(self) -> Literal["clean", "propagated"]:
@@ -186,7 +231,7 @@ class TokenFlowPropagator(Propagator):
         return reference_blend(frames, keyframes, self.config.stride)
 
     def propagate(self, query: PropagationQuery) -> Tensor:
-        if query.source is None or query.keyframe_source is None:
+        if not self.replaying and (query.source is None or query.keyframe_source is None):
             raise ValueError("TokenFlowPropagator needs source tokens in the query (needs_source=True)")
         frames, keyframes = query.frames.cpu(), query.keyframes.cpu()
         positions, weights = self.blend(frames, keyframes)  # CPU: every decision below is made without a device sync
@@ -203,7 +248,13 @@ class TokenFlowPropagator(Propagator):
                 continue
             kf_pos = positions[rows, j]
             rows_d, kf_d = rows.to(device, non_blocking=True), kf_pos.to(device, non_blocking=True)
-            index, similarity = self.search.search(query.source[rows_d], query.keyframe_source[kf_d])  # (R, S)
+            if self.replaying:  # the fields of an earlier edit of this video and schedule
+                index = self._record.lookup(query.timestep, query.layer, frames[rows], keyframes[kf_pos]).to(device)
+                similarity = torch.full(index.shape, float("nan"), device=device)
+            else:
+                index, similarity = self.search.search(query.source[rows_d], query.keyframe_source[kf_d])  # (R, S)
+                if self._recording:
+                    self._record.record(query.timestep, query.layer, frames[rows], keyframes[kf_pos], index)
             if query.on_match is not None:
                 for k in torch.unique(kf_pos).tolist():  # inspection only: grouped by keyframe on the host
                     sel = (kf_pos == k).nonzero().squeeze(1)
