@@ -27,6 +27,25 @@ def tiny(cache_dir):
 
 
 @pytest.fixture(scope="session")
+def synthetic_inversion(tiny):
+    """Factory ``(n_frames, n_steps, prompt) -> (Video, InversionResult)``: DDIM inversion of a 64x64
+    :func:`translation_clip` (8 px = one latent token per frame) on the tiny model, memoised per session."""
+    from tokenflow import DDIMInverter, invert_video
+
+    memo: dict = {}
+
+    def get(n_frames: int = 4, n_steps: int = 4, prompt: str = "a wolf"):
+        key = (n_frames, n_steps, prompt)
+        if key not in memo:
+            video = translation_clip(n=n_frames, size=64, shift=8)
+            inverter = DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
+            memo[key] = (video, invert_video(tiny, video, inverter, prompt, progress=False)[0])
+        return memo[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def wolf8():
     """The first 8 frames of wolf.mp4 at 128x128."""
     if not DATA.is_dir():
