@@ -58,7 +58,7 @@ def test_cache_hit_skips_the_unet_and_returns_the_same_latents(tiny, tmp_path):
         invert_video(tiny, video, inverter, "y", cache, progress=False)
         invert_video(tiny, video, DDIMInverter(n_steps=8, keep_steps=4), "x", cache, progress=False)
     assert other.calls == 4 + 4 + 8
-    assert len(list(tmp_path.glob("*.safetensors"))) == 4 and not list(tmp_path.glob("*.tmp"))
+    assert len(list(tmp_path.glob("*.safetensors"))) == 4 and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
@@ -79,3 +79,95 @@ def test_damaged_cache_entry_is_recomputed_not_loaded(tiny, tmp_path, damage):
     assert not hit and counter.calls == 3
     assert torch.equal(again.latents, good.latents)
     assert cache.load(path.stem) is not None  # rewritten whole
+
+
+def _rewrite_manifest(path, change) -> None:
+    """Edit the manifest in a safetensors file's header (as a hand or a tool might), keeping the tensors."""
+    import json
+    import struct
+
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    manifest = json.loads(header["__metadata__"]["manifest"])
+    change(manifest)
+    header["__metadata__"]["manifest"] = json.dumps(manifest)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data[8 + n :])
+
+
+def _swap_timesteps(m):
+    m["timesteps"][0], m["timesteps"][1] = m["timesteps"][1], m["timesteps"][0]
+
+
+@pytest.mark.parametrize("change", [
+    _swap_timesteps,
+    lambda m: m.update(prompt="a cat"),
+    lambda m: m["settings"].update(n_steps=4000),
+    lambda m: m.update(strides={"latents": [1, 1, 1, 1, 1]}),
+], ids=["swapped-timesteps", "prompt", "settings", "strides"])
+def test_tampered_manifest_is_recomputed_not_loaded(tiny, tmp_path, change):
+    """The checksum covers the manifest too: an edited header is a miss, never a hit with other frames."""
+    cache, inverter, video = InversionCache(tmp_path), DDIMInverter(n_steps=3, keep_steps=3), _clip()
+    good, _ = invert_video(tiny, video, inverter, "x", cache, progress=False)
+    path = next(tmp_path.glob("*.safetensors"))
+    _rewrite_manifest(path, change)
+    assert cache.load(path.stem) is None and not path.exists()  # refused and removed
+    with UNetCounter(tiny.unet) as counter:
+        again, hit = invert_video(tiny, video, inverter, "x", cache, progress=False)
+    assert not hit and counter.calls == 3 and again.timesteps == good.timesteps
+    assert torch.equal(again.latents, good.latents)
+
+
+def test_untampered_manifest_round_trips(tiny, tmp_path):
+    """Control for the test above: rewriting the header without a change still loads (the edit is what fails)."""
+    cache, inverter, video = InversionCache(tmp_path), DDIMInverter(n_steps=3, keep_steps=3), _clip()
+    good, _ = invert_video(tiny, video, inverter, "x", cache, progress=False)
+    path = next(tmp_path.glob("*.safetensors"))
+    _rewrite_manifest(path, lambda m: None)
+    loaded = cache.load(path.stem)
+    assert loaded is not None and loaded.timesteps == good.timesteps and torch.equal(loaded.latents, good.latents)
+
+
+def test_same_weights_in_another_folder_hit_the_cache(tiny, cache_dir, tmp_path):
+    """The key holds the weights' content, not their folder: a copy of the model folder hits the entry."""
+    import shutil
+
+    from tokenflow.models.loading import load_model
+    from tokenflow.models.tiny import tiny_model_folder
+
+    copy = tmp_path / "somewhere" / "else"
+    shutil.copytree(tiny_model_folder(cache_dir), copy)
+    moved = load_model(str(copy), device="cpu", dtype="float32")
+    assert moved.identity != tiny.identity and moved.fingerprint == tiny.fingerprint
+    cache, inverter, video = InversionCache(tmp_path / "cache"), DDIMInverter(n_steps=2, keep_steps=2), _clip()
+    invert_video(tiny, video, inverter, "x", cache, progress=False)
+    with UNetCounter(moved.unet) as counter:
+        _, hit = invert_video(moved, video, inverter, "x", cache, progress=False)
+    assert hit and counter.calls == 0
+
+
+def test_cold_and_warm_cache_runs_are_identical(tiny, tmp_path):
+    """An edit after computing the inversion equals, bit for bit, an edit after loading it from the cache.
+
+    (The VAE returns channels-last latents; oneDNN rounds channels-last convolutions differently, so a
+    cache that returned contiguous tensors changed a few pixels by one grey level.)
+    """
+    import numpy as np
+
+    from tokenflow import TokenFlowPipeline
+    from tokenflow.core.keyframes import RandomKeyframes
+    from tokenflow.core.propagation import TokenFlowPropagator
+    from tokenflow.editors import PnPEditor
+
+    cache, video = InversionCache(tmp_path), _clip(n=2)
+
+    def run():
+        pipe = TokenFlowPipeline(tiny, PnPEditor(), TokenFlowPropagator(), RandomKeyframes(stride=1, seed=1),
+                                 DDIMInverter(n_steps=3, keep_steps=3), n_steps=3, chunk_size=2, cache=cache)
+        return pipe(video, "a fox", "ugly", "a wolf", progress=False)
+
+    cold, warm = run(), run()
+    assert (cold.timings["inversion_cache_hit"], warm.timings["inversion_cache_hit"]) == (0.0, 1.0)
+    assert torch.equal(cold.latents, warm.latents) and np.array_equal(cold.frames, warm.frames)

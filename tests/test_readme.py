@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,15 @@ def test_first_command_runs_the_main_job_in_an_empty_folder(tmp_path, cache_dir)
     work.mkdir()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "TOKENFLOW_CACHE": str(cache_dir),
            "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(" && ".join(run_steps), shell=True, cwd=work, env=env, capture_output=True, text=True,
-                            timeout=600)
+    shell = subprocess.Popen(" && ".join(run_steps), shell=True, cwd=work, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = shell.communicate(timeout=600)
+    except subprocess.TimeoutExpired:
+        os.killpg(shell.pid, signal.SIGKILL)  # the shell and the command it started, not only the shell
+        stdout, stderr = shell.communicate()
+        pytest.fail(f"the README's first command ran past 600 s: {stderr[-2000:]}")
+    result = subprocess.CompletedProcess(shell.args, shell.returncode, stdout, stderr)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "embedded sample clip" in result.stdout
     runs = sorted(work.glob("outputs/edit/*/*/edited.mp4"))

@@ -184,9 +184,22 @@ def test_missing_path_names_path_and_cwd(tmp_path: Path) -> None:
 def test_corrupt_file(tmp_path: Path, backend: str) -> None:
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"\x00\x01 this is not a video" * 100)
-    with pytest.raises(VideoError, match="could not read video .*bad.mp4") as info:
+    with pytest.raises(VideoError, match="'.*bad.mp4' is not a readable video") as info:
         read_video(bad, backend=backend)
     assert "\n" not in str(info.value)
+
+
+def test_probe_reads_the_header_only(clip: np.ndarray, clip_mp4: Path, tmp_path: Path) -> None:
+    from tokenflow.storage.video import probe_video
+
+    info = probe_video(clip_mp4)
+    assert (info.n_frames, info.height, info.width, info.fps) == (len(clip), 64, 128, 20.0)
+    write_frames(tmp_path / "f", clip[:3])
+    folder = probe_video(tmp_path / "f")
+    assert (folder.n_frames, folder.height, folder.width) == (3, 64, 128)
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="is empty"):
+        probe_video(tmp_path / "empty.mp4")
 
 
 def test_empty_folder(tmp_path: Path) -> None:
@@ -210,31 +223,49 @@ def test_rejected_write_leaves_nothing(tmp_path: Path, frames: np.ndarray) -> No
 
 
 def test_failed_write_keeps_old_file_and_no_temp(clip: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import imageio.v2 as iio
+    import tokenflow.storage.video as video
 
     out = write_video(tmp_path / "out.mp4", clip[:2], fps=10.0)
     before = out.read_bytes()
-    real_get_writer = iio.get_writer
 
-    def failing_get_writer(*args: object, **kwargs: object) -> object:
-        writer = real_get_writer(*args, **kwargs)
-        calls = {"n": 0}
-        append = writer.append_data
+    def encoder_dies(path: Path, frames: np.ndarray, fps: float) -> None:
+        path.write_bytes(b"\x00" * 100)  # what the encoder managed before the disk filled up
+        raise OSError("ffmpeg exited with status 1: No space left on device (simulated)")
 
-        def append_data(frame: np.ndarray) -> None:
-            calls["n"] += 1
-            if calls["n"] == 3:
-                raise OSError("disk full (simulated)")
-            append(frame)
-
-        writer.append_data = append_data
-        return writer
-
-    monkeypatch.setattr(iio, "get_writer", failing_get_writer)
-    with pytest.raises(VideoError, match="could not write video .*disk full"):
+    monkeypatch.setattr(video, "_encode_h264", encoder_dies)
+    with pytest.raises(VideoError, match="could not write video .*No space left"):
         write_video(out, clip, fps=10.0)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+
+
+def test_written_video_is_checked_before_it_is_published(clip: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder that exits cleanly but wrote a truncated or empty file publishes nothing."""
+    import tokenflow.storage.video as video
+
+    real = video._encode_h264
+    for broken in (lambda path, frames, fps: real(path, frames[:-1], fps), lambda path, frames, fps: path.write_bytes(b"")):
+        monkeypatch.setattr(video, "_encode_h264", broken)
+        with pytest.raises(VideoError, match="edited.mp4"):
+            write_video(tmp_path / "edited.mp4", clip, fps=10.0)
+        assert list(tmp_path.iterdir()) == []
+
+
+def test_new_frame_folder_appears_whole(clip: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    real_save, calls = Image.Image.save, []
+
+    def save(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return real_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+    with pytest.raises(OSError, match="disk full"):
+        write_frames(tmp_path / "frames", clip[:5])
+    assert list(tmp_path.iterdir()) == []  # no frames/ with 2 of 5 frames, no temporary folder
 
 
 def test_write_rejects_non_mp4(clip: np.ndarray, tmp_path: Path) -> None:

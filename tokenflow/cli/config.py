@@ -108,7 +108,24 @@ def build(node: DictConfig | dict, **extra: Any) -> Any:
             cause = cause.__cause__ or cause.__context__
         if cause is not None:
             raise cause from None
+        signature = _signature_error(e)
+        if signature:  # a class without a Config dataclass given a setting it does not take
+            raise ConfigError(f"{target}: {signature} — check its settings (given: "
+                              f"{sorted(k for k in node if k != '_target_')})") from e
         raise
+
+
+def _signature_error(error: BaseException) -> str | None:
+    """The TypeError of a call with wrong keyword arguments, if that is what ``error`` wraps."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, TypeError) and ("unexpected keyword argument" in str(cause)
+                                             or "required positional argument" in str(cause)
+                                             or "required keyword-only argument" in str(cause)
+                                             or "takes no arguments" in str(cause)):
+            return str(cause).splitlines()[0]
+        cause = cause.__cause__ or cause.__context__
+    return None
 
 
 def _target(path: str) -> Any:

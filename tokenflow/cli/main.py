@@ -1,170 +1,219 @@
 """Console scripts ``tokenflow-invert`` and ``tokenflow-edit``: thin Hydra layers over the Python API.
 
-Each run writes into its Hydra run dir: ``config.yaml`` (resolved), ``input.mp4``, ``edited.mp4`` (or
-``reconstruction.mp4``), ``frames/`` and ``metrics.json``.
+Each run gets its own folder (claimed with an exclusive mkdir, see :mod:`tokenflow.cli.rundir`) with
+``config.yaml`` (resolved), ``metrics.json`` (:mod:`tokenflow.cli.report`) and, on success only,
+``input.mp4``, ``edited.mp4`` (or ``reconstruction.mp4``) and ``frames/``. Every user error, from
+Hydra or from tokenflow, is one line on stderr and exit status 2 (``verbose=true``: the traceback);
+in a sweep a failing job records its error and the sweep goes on, then the process exits 2 with one
+line per failed job.
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
 
-from tokenflow.errors import TokenFlowError
-from tokenflow.storage.atomic import write_json
+import tokenflow.cli.config  # noqa: F401  registers the run schema
+from tokenflow.cli import preflight
+from tokenflow.cli.messages import user_error
+from tokenflow.cli.plugins import make_cwd_importable, register_class_options
+from tokenflow.cli.report import WARP_DEFINITION, RunReport, SweepFailed, parse_overrides, save_config
+from tokenflow.cli.rundir import register_resolvers
 
 log = logging.getLogger("tokenflow")
+RunFunction = Callable[[DictConfig, Path, RunReport], None]
 
 
-def _prepare(cfg: DictConfig):
-    """Validate the run keys, load the model and read the video."""
-    from tokenflow.cli.config import build, validate_run
-    from tokenflow.storage.video import read_video, round_frames_down
+def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[[], dict[str, Any]]):
+    """Settings, the clip's header, the run's parts, the model and the memory check; then read the video.
 
-    validate_run(cfg)
-    video = read_video(_video_path(cfg.video), n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
+    ``parts()`` builds the run's inverter (and editor, propagator, keyframes). Returns (model, video, parts).
+    """
+    from tokenflow.cli.config import build
+    from tokenflow.storage.video import read_video
+
+    preflight.check_settings(cfg)
+    preflight.remove_leftovers(cfg, run_dir)
+    path = preflight.video_path(cfg.video)
+    plan = preflight.plan_size(cfg, path)
+    built = parts()
+    if not cfg.progress:
+        preflight.quiet_progress_bars()
+    model = build(cfg.model)
+    n = preflight.frames_to_check(plan, cfg)
+    shape = preflight.run_shape(cfg, model, plan, n, **built)
+    estimate, peaks = preflight.check_run_memory(model, shape, preflight.size_phrase(cfg, plan, n))
+    video = read_video(path, n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
     if cfg.get("round_frames_down"):
+        from tokenflow.storage.video import round_frames_down
+
         kept = round_frames_down(video, cfg.keyframe_stride)
         if kept.n_frames != video.n_frames:
             log.info("round_frames_down: using %d of %d frames", kept.n_frames, video.n_frames)
         video = kept
-    return build(cfg.model), video
+    if video.n_frames != n:  # the header had no (or a wrong) frame count: check again with the real one
+        shape = preflight.run_shape(cfg, model, plan, video.n_frames, **built)
+        estimate, peaks = preflight.check_run_memory(model, shape, preflight.size_phrase(cfg, plan, video.n_frames))
+    for name, value in peaks.items():
+        report.metric(name, value)
+    report.info.update({"video": path, "n_frames": video.n_frames, "height": video.height, "width": video.width,
+                        "fps": video.fps, "source_size": [plan.source.height, plan.source.width],
+                        "model": model.identity, "model_fingerprint": model.fingerprint,
+                        "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
+                        "memory_estimate": estimate.as_dict()})
+    return model, video, built
 
 
-def _video_path(value: str | None) -> str:
-    """``video=`` as a path: ``sample`` (or unset) is the clip embedded in the package."""
-    from tokenflow.samples import SAMPLE_DESCRIPTION, is_sample, sample_video_path
-
-    if is_sample(value):
-        path = sample_video_path()
-        print(f"video: the embedded sample clip ({SAMPLE_DESCRIPTION}) — set video=path/to/clip.mp4 for your own")
-        return str(path)
-    return str(value)
-
-
-def _cache(cfg: DictConfig):
-    from tokenflow.storage.cache import InversionCache
-    from tokenflow.paths import default_cache_dir
-
-    if not cfg.use_cache:
-        return None
-    return InversionCache(Path(cfg.cache_dir or default_cache_dir()) / "inversions")
-
-
-def _outputs(cfg: DictConfig) -> Path:
-    out = Path(hydra.core.hydra_config.HydraConfig.get().runtime.output_dir)
-    (out / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    return out
-
-
-def run_invert(cfg: DictConfig) -> dict[str, Any]:
+def run_invert(cfg: DictConfig, out: Path, report: RunReport) -> None:
     """Invert and reconstruct; report PSNR of the reconstruction."""
-
     from tokenflow.cli.config import build
     from tokenflow.core.inversion import reconstruct
-    from tokenflow.evaluation.metrics import psnr
     from tokenflow.core.pipeline import invert_video
+    from tokenflow.evaluation.metrics import psnr
     from tokenflow.storage.video import frames_from_tensor, write_frames, write_video
 
-    out = _outputs(cfg)
     t0 = time.perf_counter()
-    model, video = _prepare(cfg)
-    inverter = build(cfg.inverter)
-    write_video(out / "input.mp4", video.frames, video.fps)
+    model, video, parts = _prepare(cfg, report, out, lambda: {"inverter": build(cfg.inverter)})
     t1 = time.perf_counter()
-    inversion, hit = invert_video(model, video, inverter, cfg.inversion_prompt, _cache(cfg), cfg.progress)
+    inversion, hit = invert_video(model, video, parts["inverter"], cfg.inversion_prompt, preflight.open_cache(cfg),
+                                  cfg.progress)
     t2 = time.perf_counter()
     latents = reconstruct(model, inversion, progress=cfg.progress)
     recon = frames_from_tensor(model.decode_latents(latents))
     vae_only = frames_from_tensor(model.decode_latents(inversion.clean))
     t3 = time.perf_counter()
-    write_video(out / "reconstruction.mp4", recon, video.fps)
-    write_frames(out / "frames", recon)
-    metrics = {
-        "psnr_reconstruction_vs_input": psnr(recon, video.frames),
-        "psnr_vae_only_vs_input": psnr(vae_only, video.frames),
+    write_video(report.output("reconstruction.mp4"), recon, video.fps)
+    write_frames(report.output("frames"), recon)
+    write_video(report.output("input.mp4"), video.frames, video.fps)
+    for name, value in {
+        "psnr_reconstruction_vs_input": psnr(recon, video.frames), "psnr_vae_only_vs_input": psnr(vae_only, video.frames),
         "psnr_reconstruction_vs_vae_only": psnr(recon, vae_only),
         "latent_relative_error": float((latents - inversion.clean).norm() / inversion.clean.norm()),
-        "inversion_cache_hit": hit, "n_frames": video.n_frames, "height": video.height, "width": video.width,
-        "fps": video.fps, "inversion_s": t2 - t1, "reconstruction_s": t3 - t2, "total_s": time.perf_counter() - t0,
-        "model": model.identity,
-    }
-    write_json(out / "metrics.json", metrics)
-    print(f"inverted {video.n_frames} frames at {video.height}x{video.width} in {metrics['total_s']:.1f}s "
-          f"(cache {'hit' if hit else 'miss'}); reconstruction PSNR {metrics['psnr_reconstruction_vs_input']:.2f} dB "
-          f"vs input, {metrics['psnr_reconstruction_vs_vae_only']:.2f} dB vs VAE-only → {out}")
-    return metrics
+        "inversion_cache_hit": float(hit), "inversion_s": t2 - t1, "reconstruction_s": t3 - t2,
+        "total_s": time.perf_counter() - t0,
+    }.items():
+        report.metric(name, value)
+    m = report.metrics
+    print(f"inverted {video.n_frames} frames at {video.height}x{video.width} in {m['total_s']:.1f}s "
+          f"(cache {'hit' if hit else 'miss'}); reconstruction PSNR {m['psnr_reconstruction_vs_input']:.2f} dB "
+          f"vs input, {m['psnr_reconstruction_vs_vae_only']:.2f} dB vs VAE-only → {out}")
 
 
-def run_edit(cfg: DictConfig) -> dict[str, Any]:
-    """The TokenFlow edit; writes edited.mp4, frames/ and metrics.json."""
+def run_edit(cfg: DictConfig, out: Path, report: RunReport) -> None:
+    """The TokenFlow edit; writes edited.mp4, frames/, input.mp4 (on success) and metrics.json."""
     from tokenflow.cli.config import build, negative_prompt
-    from tokenflow.evaluation.metrics import warp_error
     from tokenflow.core.pipeline import TokenFlowPipeline
+    from tokenflow.evaluation.metrics import warp_error
     from tokenflow.storage.video import write_frames, write_video
 
-    out = _outputs(cfg)
+    def parts() -> dict[str, Any]:
+        return {"inverter": build(cfg.inverter), "editor": build(cfg.editor), "propagator": build(cfg.propagator),
+                "keyframes": build(cfg.keyframes)}
+
     t0 = time.perf_counter()
-    model, video = _prepare(cfg)
-    inverter = build(cfg.inverter)
-    pipe = TokenFlowPipeline(model, build(cfg.editor), build(cfg.propagator), build(cfg.keyframes),
-                             inverter, n_steps=cfg.n_steps, chunk_size=cfg.chunk_size, cache=_cache(cfg))
-    write_video(out / "input.mp4", video.frames, video.fps)
-    result = pipe(video, cfg.prompt, negative_prompt(cfg, inverter), cfg.inversion_prompt, progress=cfg.progress)
-    write_video(out / "edited.mp4", result.frames, video.fps)
-    write_frames(out / "frames", result.frames)
-    metrics: dict[str, Any] = {**result.timings, "unet_evaluations": result.unet_evaluations,
-                               "n_frames": video.n_frames, "height": video.height, "width": video.width,
-                               "fps": video.fps, "model": model.identity, "keyframes": result.keyframes}
+    model, video, p = _prepare(cfg, report, out, parts)
+    pipe = TokenFlowPipeline(model, p["editor"], p["propagator"], p["keyframes"], p["inverter"], n_steps=cfg.n_steps,
+                             chunk_size=cfg.chunk_size, cache=preflight.open_cache(cfg))
+    result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt, progress=cfg.progress)
+    write_video(report.output("edited.mp4"), result.frames, video.fps)
+    write_frames(report.output("frames"), result.frames)
+    write_video(report.output("input.mp4"), video.frames, video.fps)
+    for name, value in result.timings.items():
+        report.metric(name, value)
+    report.metric("unet_evaluations", result.unet_evaluations)
+    report.info["keyframes"] = result.keyframes
     if cfg.warp_metric and video.n_frames > 1:
         w = warp_error(result.frames, video.frames)
-        metrics[w["metric_name"]] = w["warp_error"]
-        metrics["warp_occluded_fraction"] = w["occluded_fraction"]
-    metrics["total_s"] = time.perf_counter() - t0
-    write_json(out / "metrics.json", metrics)
-    print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {metrics['total_s']:.1f}s "
+        report.metric(w["metric_name"], w["warp_error"], WARP_DEFINITION.format(method=w["metric_name"].split("-")[-1]))
+        report.metric("warp_occluded_fraction", w["occluded_fraction"])
+    report.metric("total_s", time.perf_counter() - t0)
+    print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {report.metrics['total_s']:.1f}s "
           f"({result.unet_evaluations} UNet evaluations) → {out / 'edited.mp4'}")
-    return metrics
 
 
-def _guarded(fn: Callable[[DictConfig], Any]) -> Callable[[DictConfig], Any]:
-    """Print actionable errors as one line (exit 2) unless ``verbose=true``."""
-    def wrapper(cfg: DictConfig) -> Any:
+@dataclass
+class _Session:
+    """One console-script invocation: its arguments and whether tracebacks were asked for."""
+
+    task: str
+    run: RunFunction
+    args: list[str]
+    verbose: bool = False
+    failure: BaseException | None = None  # a single run's error, raised after Hydra returns
+
+    def job(self, cfg: DictConfig) -> None:
+        """A Hydra job: run, and always leave config.yaml and metrics.json (status ok or failed)."""
+        hc = HydraConfig.get()
+        out = Path(hc.runtime.output_dir)
+        multirun = hc.mode == RunMode.MULTIRUN
+        self.verbose = bool(cfg.get("verbose", False))
         logging.getLogger("tokenflow").setLevel(logging.INFO)
+        report = RunReport(out, self.task, parse_overrides(list(hc.overrides.task)))
         try:
-            return fn(cfg)
-        except (TokenFlowError, MissingMandatoryValue) as e:
-            if cfg.get("verbose", False):
+            save_config(cfg, out)
+            self.run(cfg, out, report)
+        except Exception as e:
+            line = user_error(e, self.args)
+            error = line or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (a bug: the traceback is " \
+                            f"in {out})"
+            try:
+                report.write(error)
+            except OSError as write_error:
+                log.error("could not write %s: %s", out / "metrics.json", write_error)
+            if multirun and not self.verbose:
+                (log.error if line else log.exception)("job %s failed: %s", hc.job.num, error)
+            elif not multirun:
+                self.failure = e  # raised by _main: Hydra would print its own "Error executing job" first
+            else:
                 raise
-            print(f"error: {_one_line(e)}", file=sys.stderr)
-            sys.exit(2)
-    wrapper.__name__ = fn.__name__
-    return wrapper
+            return None
+        report.write()
+        return None
 
 
-def _one_line(error: Exception) -> str:
-    """The user-facing line of an error; a missing mandatory value names the key and the fix."""
-    if isinstance(error, MissingMandatoryValue):
-        key = getattr(error, "full_key", None) or "?"
-        return f"{key} is not set — give it on the command line, e.g. {key}=..." + (
-            " (video=sample runs on the embedded clip)" if key == "video" else "")
-    return str(error)
+def _main(task: str, run: RunFunction) -> Any:
+    """Parse the command line with Hydra, run the job(s); one line and exit 2 for every user error."""
+    session = _Session(task, run, sys.argv[1:])
+    make_cwd_importable()
+    register_resolvers()
+    full_error = os.environ.get("HYDRA_FULL_ERROR")
 
+    def task_function(cfg: DictConfig) -> None:
+        return session.job(cfg)
 
-def _hydra_entry(config_name: str, fn: Callable[[DictConfig], Any]) -> Callable[[], Any]:
-    import tokenflow.cli.config  # noqa: F401  registers the run schema
-
-    return hydra.main(version_base="1.3", config_path="pkg://tokenflow.conf", config_name=config_name)(_guarded(fn))
+    try:
+        register_class_options(session.args)
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach us as exceptions, not as its own printout
+        hydra.main(version_base="1.3", config_path="pkg://tokenflow.conf", config_name=task)(task_function)()
+        if session.failure is not None:
+            raise session.failure
+    except SweepFailed as failed:
+        for line in failed.lines:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as e:
+        line = user_error(e, session.args)
+        if line is None or session.verbose or full_error:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        if full_error is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
 
 
 def invert_main() -> Any:
-    return _hydra_entry("invert", run_invert)()
+    return _main("invert", run_invert)
 
 
 def edit_main() -> Any:
-    return _hydra_entry("edit", run_edit)()
+    return _main("edit", run_edit)

@@ -225,7 +225,8 @@ class TokenFlowPipeline:
         missing = [t for t in timesteps if not inversion.has(t)]
         if missing and (self.editor.needs_source or self.propagator.uses_keyframes):
             raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
-        x = self.editor.initial_latents(inputs, timesteps).float()
+        x = self.editor.initial_latents(inputs, timesteps).to(self.model.device, torch.float32)  # on the device: no
+        # host round trip per UNet call
         schedule = self.keyframes.sequence(len(timesteps), inversion.n_frames)
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
         self.propagator.prepare(PropagationInputs(
@@ -247,7 +248,7 @@ class TokenFlowPipeline:
         t0 = time.perf_counter()
         frames = frames_from_tensor(self.model.decode_latents(x))
         timings = {"editing_s": t_edit, "decoding_s": time.perf_counter() - t0}
-        return EditResult(frames, x, schedule, timesteps, timings, self.unet_evaluations)
+        return EditResult(frames, x.cpu(), schedule, timesteps, timings, self.unet_evaluations)
 
     def _source_identity(self, inversion: InversionResult, inversion_prompt: str) -> str:
         """What the source branch's tokens depend on: the model, the inversion, the source prompt and the editor

@@ -2,23 +2,37 @@
 
 A reader (or a later run) sees the old file, or the whole new one, never a half-written one; a
 failure at any point (an exception, a full disk, a kill) leaves no partial file under the final name.
+Temporary names record their owner (``.<name>.tmp-<host>-<pid>-<random>``) so that the leftovers of a
+killed process can be told from the work in progress of a running one (:func:`remove_stale`).
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
+import re
+import shutil
+import socket
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"  # every temporary file's name starts with "." and contains this
+_OWNED = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_.]*)-(?P<pid>\d+)-[0-9a-f]{12}(\.\w+)?$")
+_UNOWNED = re.compile(r"^\.(tiny-.+|.+\.tmp-\d+-[0-9a-f]{12}(\.\w+)?)$")  # mkdtemp staging folders, old names
+
+
+def host_name() -> str:
+    """This machine's name as it appears in temporary names (letters, digits, ``_`` and ``.``)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
 
 
 def temp_path(dest: Path, suffix: str = "") -> Path:
     """A fresh hidden temporary name in ``dest``'s folder (same file system, so the rename is atomic)."""
-    return dest.with_name(f".{dest.name}{TEMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}")
+    return dest.with_name(f".{dest.name}{TEMP_MARK}{host_name()}-{os.getpid()}-{uuid.uuid4().hex[:12]}{suffix}")
 
 
 def _fsync(path: Path) -> None:
@@ -49,10 +63,26 @@ def atomic_file(dest: str | os.PathLike, suffix: str = "", check: Callable[[Path
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success rename it to ``dest`` (which must not exist yet)."""
+    dest = Path(dest)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists — write into a new folder")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(dest)
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
     """Write ``data`` as indented JSON, atomically (non-JSON numbers like numpy floats become floats)."""
     with atomic_file(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, default=_jsonable))
+        tmp.write_text(json.dumps(data, indent=2, default=_jsonable, ensure_ascii=False), encoding="utf-8")
     return Path(path)
 
 
@@ -62,3 +92,98 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "value"):  # enums
         return value.value
     return str(value)
+
+
+# ---- leftovers of killed processes -------------------------------------------------------------------
+def is_stale(path: Path, oldest_owner_start: float | None = None) -> bool:
+    """Whether the temporary entry ``path`` belongs to no running process.
+
+    A name that records its owner (this host's pid) is stale when that process is gone, or when the
+    process now holding the pid started after the entry was last written (a reused pid). An entry
+    without an owner (a ``mkdtemp`` staging folder) is stale when it was last written before
+    ``oldest_owner_start``, the start of the oldest running process that could own it. Entries of
+    other hosts are never stale here (their processes cannot be seen).
+    """
+    import psutil
+
+    touched = _newest_mtime(path)
+    if touched is None:
+        return False
+    owned = _OWNED.match(path.name)
+    if owned:
+        if owned["host"] != host_name():
+            return False
+        try:
+            started = psutil.Process(int(owned["pid"])).create_time()
+        except psutil.NoSuchProcess:
+            return True
+        except psutil.Error:
+            return False
+        return started > touched + 1.0
+    if _UNOWNED.match(path.name):
+        return oldest_owner_start is not None and touched < oldest_owner_start - 1.0
+    return False
+
+
+def remove_stale(folder: str | os.PathLike, depth: int = 1) -> list[Path]:
+    """Delete stale temporary files and staging folders in ``folder`` (and ``depth - 1`` levels below).
+
+    Only names this library creates for temporaries are considered (see :func:`is_stale`); anything
+    else is left alone. Returns what was removed.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    candidates = list(_candidates(folder, depth))
+    unowned = any(not _OWNED.match(p.name) for p in candidates)
+    start = oldest_possible_owner() if unowned else None  # a scan of all processes: only when needed
+    removed = []
+    for path in candidates:
+        if is_stale(path, start):
+            with contextlib.suppress(OSError):
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+                removed.append(path)
+    if removed:
+        log.info("removed %d leftover temporary file(s) of killed runs in %s", len(removed), folder)
+    return removed
+
+
+def oldest_possible_owner() -> float | None:
+    """Start time of the oldest running Python process of this user (a possible owner of unnamed temporaries)."""
+    import psutil
+
+    me = os.getuid() if hasattr(os, "getuid") else None
+    starts = []
+    for proc in psutil.process_iter(["uids", "name", "cmdline", "create_time"]):
+        info = proc.info
+        if me is not None and info.get("uids") is not None and info["uids"].real != me:
+            continue
+        text = " ".join([info.get("name") or ""] + list(info.get("cmdline") or []))
+        if "python" in text or "tokenflow" in text:
+            starts.append(info["create_time"])
+    return min(starts) if starts else None
+
+
+def _candidates(folder: Path, depth: int) -> Iterator[Path]:
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if entry.name.startswith(".") and (_OWNED.match(entry.name) or _UNOWNED.match(entry.name)):
+            yield entry
+        elif depth > 1 and entry.is_dir() and not entry.is_symlink():
+            yield from _candidates(entry, depth - 1)
+
+
+def _newest_mtime(path: Path) -> float | None:
+    try:
+        newest = path.lstat().st_mtime
+        if path.is_dir() and not path.is_symlink():
+            for root, dirs, files in os.walk(path):
+                for name in dirs + files:
+                    with contextlib.suppress(OSError):
+                        newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+        return newest
+    except OSError:
+        return None

@@ -9,8 +9,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +22,13 @@ import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.storage.atomic import atomic_file
+from tokenflow.storage.atomic import atomic_dir, atomic_file
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BACKENDS = ("auto", "decord", "pyav")
 _CHUNK = 16  # frames decoded per decord batch, bounds peak memory before resizing
+H264_CRF = 10  # libx264 constant rate factor of written videos (near-lossless; imageio's quality=8)
+H264_MAX_SIDE = 16384  # libx264 refuses wider or taller frames ("invalid width x height")
 
 
 @dataclass
@@ -110,62 +116,168 @@ def read_video(
         raise VideoError(f"video not found: '{p}' — check the path (relative paths are resolved against {Path.cwd()})")
     size = (height, width, short_side)
     if p.is_dir():
-        frames, rate = _read_folder(p, n_frames, stride, start, size), fps
-    elif _pick_backend(backend) == "decord":
-        frames, rate = _read_decord(p, n_frames, stride, start, size)
-    else:
-        frames, rate = _read_pyav(p, n_frames, stride, start, size, fps)
+        return Video(frames=_read_folder(p, n_frames, stride, start, size), fps=float(fps), source=str(p))
+    with _native_stderr_silenced():  # the decoders' own FFmpeg logging: our errors say what went wrong
+        probe_video(p)  # a clear error for what is not a readable video
+        if _pick_backend(backend) == "decord":
+            try:
+                frames, rate = _read_decord(p, n_frames, stride, start, size)
+            except VideoError:
+                if backend != "auto":
+                    raise
+                frames, rate = _read_pyav(p, n_frames, stride, start, size, fps)  # PyAV reads some files decord cannot
+        else:
+            frames, rate = _read_pyav(p, n_frames, stride, start, size, fps)
     return Video(frames=frames, fps=float(rate), source=str(p))
 
 
-def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
-    """Write (N, H, W, 3) uint8 frames as H.264 (yuv420p) mp4, atomically; returns the path."""
-    import imageio.v2 as iio
+@dataclass(frozen=True)
+class VideoInfo:
+    """What a clip's header says: frame count (None when the container does not store it), size, rate."""
 
+    n_frames: int | None
+    height: int
+    width: int
+    fps: float | None
+
+
+def probe_video(path: str | os.PathLike) -> VideoInfo:
+    """Read a video file's header (or a frame folder's first image) without decoding the clip.
+
+    Raises VideoError with one line for a missing path, a file that is not a video (audio only, text,
+    damaged header) or a folder without images.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"video not found: '{p}' — check the path (relative paths are resolved against {Path.cwd()})")
+    if p.is_dir():
+        files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise VideoError(f"no frames in folder '{p}' (looked for {'/'.join(IMAGE_SUFFIXES)}) — point at a video file or a folder of images")
+        try:
+            with Image.open(files[0]) as im:
+                return VideoInfo(len(files), im.height, im.width, None)
+        except OSError as exc:
+            raise VideoError(f"could not read frame '{files[0]}': {_one_line(exc)} — replace or remove that file") from exc
+    if p.stat().st_size == 0:
+        raise VideoError(f"'{p}' is empty (0 bytes) — the file was not written completely; copy or export it again")
+    import av
+
+    try:
+        with av.open(str(p)) as container:
+            if not container.streams.video:
+                kinds = sorted({s.type for s in container.streams}) or ["no"]
+                raise VideoError(f"'{p}' has no video stream ({'/'.join(kinds)} streams only) — pass a video file")
+            stream = container.streams.video[0]
+            h, w = stream.codec_context.height, stream.codec_context.width
+            rate = stream.average_rate or stream.guessed_rate
+            n = int(stream.frames) or (1 if container.format.name.endswith("_pipe") else None)  # one image
+    except VideoError:
+        raise
+    except Exception as exc:
+        reason = getattr(exc, "strerror", None) or _one_line(exc)
+        raise VideoError(f"'{p}' is not a readable video ({reason}) — check the file (ffprobe) or "
+                         "export it again as mp4") from exc
+    if not h or not w:
+        raise VideoError(f"'{p}' has a video stream without a frame size — the file is damaged; export it again")
+    return VideoInfo(n, int(h), int(w), float(rate) if rate else None)
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
+    """Write (N, H, W, 3) uint8 frames as H.264 (yuv420p) mp4, atomically; returns the path.
+
+    Published only when ffmpeg exits cleanly and the file reads back with N frames of H x W: a full
+    disk, a killed encoder or a size it refuses leaves no file under ``path`` (a VideoError instead).
+    """
     p = Path(path)
     if p.suffix.lower() != ".mp4":
         raise ConfigError(f"write_video writes H.264 mp4, got '{p}' — use a path ending in .mp4")
     if fps <= 0:
         raise ConfigError(f"fps={fps} must be positive — pass the source clip's fps")
     _check_frames(frames, "frames")
-    if frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise VideoError(f"frames are {frames.shape[1]}x{frames.shape[2]}; H.264 yuv420p needs even height and width — crop or resize")
+    n, h, w = frames.shape[:3]
+    if h % 2 or w % 2:
+        raise VideoError(f"frames are {h}x{w}; H.264 yuv420p needs even height and width — crop or resize")
+    if max(h, w) > H264_MAX_SIDE:
+        raise VideoError(f"frames are {h}x{w}; the H.264 encoder (libx264) takes at most {H264_MAX_SIDE} pixels a side "
+                         "— resize them")
     try:
-        with atomic_file(p, suffix=".mp4") as tmp:  # .mp4: ffmpeg picks the container by the name
-            writer = iio.get_writer(
-                str(tmp), format="FFMPEG", fps=fps, codec="libx264", quality=8,
-                macro_block_size=1, pixelformat="yuv420p", ffmpeg_log_level="error",
-            )
-            try:
-                for frame in frames:
-                    writer.append_data(np.ascontiguousarray(frame))
-            except BaseException:
-                with contextlib.suppress(Exception):
-                    writer.close()  # keep the original error, not ffmpeg's broken pipe
-                raise
-            writer.close()
+        with atomic_file(p, suffix=".mp4", check=lambda tmp: check_video_file(tmp, n, h, w)) as tmp:
+            _encode_h264(tmp, frames, fps)
+    except (ConfigError, VideoError):
+        raise
     except Exception as exc:
-        if isinstance(exc, (ConfigError, VideoError)):
-            raise
         raise VideoError(f"could not write video '{p}': {_one_line(exc)} — check disk space and permissions") from exc
     return p
+
+
+def _encode_h264(path: Path, frames: np.ndarray, fps: float) -> None:
+    """Pipe raw RGB frames into ffmpeg (libx264, yuv420p); raises OSError unless ffmpeg exits with 0."""
+    import imageio_ffmpeg
+
+    n, h, w = frames.shape[:3]
+    rate = str(Fraction(fps).limit_denominator(1001))
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
+           "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264",
+           "-pix_fmt", "yuv420p", "-crf", str(H264_CRF), str(path)]
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
+        try:
+            assert proc.stdin is not None
+            for frame in frames:
+                proc.stdin.write(np.ascontiguousarray(frame).tobytes())
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # ffmpeg quit early; its exit status and message say why
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        status = proc.wait()
+        log.seek(0)
+        message = log.read().decode(errors="replace")
+    if status != 0:
+        raise OSError(f"ffmpeg exited with status {status}: {_one_line(Exception(message)) if message.strip() else 'no message'}")
+
+
+def check_video_file(path: str | os.PathLike, n_frames: int, height: int, width: int) -> None:
+    """Raise VideoError unless ``path`` opens as a video with ``n_frames`` frames of ``height`` x ``width``."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise VideoError(f"'{path}' has no video stream")
+            stream = container.streams.video[0]
+            size = (stream.codec_context.height, stream.codec_context.width)
+            count = sum(1 for packet in container.demux(stream) if packet.size)
+    except VideoError:
+        raise
+    except Exception as exc:
+        raise VideoError(f"the written video '{path}' does not read back: {_one_line(exc)}") from exc
+    if count != n_frames or size != (height, width):
+        raise VideoError(f"the written video '{path}' holds {count} frames of {size[0]}x{size[1]}, "
+                         f"not {n_frames} of {height}x{width} — the encoder stopped early (disk full?)")
 
 
 def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> list[Path]:
     """Write (N, H, W, 3) uint8 frames as ``00000.png, 00001.png, ...`` (each atomically).
 
-    Existing files in ``folder`` are left alone; use an empty folder to read the frames back.
+    A new ``folder`` is filled under a temporary name and renamed when complete; in an existing one,
+    other files are left alone (use a new folder to read the frames back).
     """
     _check_frames(frames, "frames")
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, frame in enumerate(frames):
-        dst = out / f"{i:05d}.png"
-        with atomic_file(dst) as tmp:
+    names = [f"{i:05d}.png" for i in range(len(frames))]
+    if not out.exists():  # a new folder appears whole: all frames or none
+        with atomic_dir(out) as tmp:
+            for name, frame in zip(names, frames):
+                Image.fromarray(np.ascontiguousarray(frame)).save(tmp / name, format="PNG")
+        return [out / name for name in names]
+    for name, frame in zip(names, frames):
+        with atomic_file(out / name) as tmp:
             Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
-        paths.append(dst)
-    return paths
+    return [out / name for name in names]
 
 
 def round_frames_down(video: Video, multiple: int) -> Video:
@@ -220,6 +332,8 @@ def _check_selection(n_frames: int | None, stride: int, start: int) -> None:
 def _select(total: int, n_frames: int | None, stride: int, start: int, source: Path) -> list[int]:
     """Frame indices to read from a clip of ``total`` frames, or a VideoError if it is too short."""
     indices = list(range(start, total, stride))
+    if total == 0:
+        raise VideoError(f"video '{source}' has no decodable frames — the file is truncated or damaged; export it again")
     if n_frames is None and not indices:
         raise VideoError(f"video '{source}' has {total} frames; start={start} is past the end — lower start")
     if n_frames is not None and len(indices) < n_frames:
@@ -230,7 +344,7 @@ def _select(total: int, n_frames: int | None, stride: int, start: int, source: P
 
 
 def _pick_backend(backend: str) -> str:
-    """"decord" or "pyav": auto picks decord when it imports."""
+    """"decord" or "pyav": auto picks decord when it imports (and falls back to PyAV on a file decord cannot read)."""
     if backend != "pyav":
         try:
             import decord  # noqa: F401
@@ -279,7 +393,8 @@ def _read_decord(path: Path, n_frames: int | None, stride: int, start: int, size
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
         total, rate = len(reader), float(reader.get_avg_fps())
     except Exception as exc:
-        raise VideoError(f"could not read video '{path}' with decord: {_one_line(exc)} — check it is a valid video (try ffprobe) or use backend='pyav'") from exc
+        raise VideoError(f"decord cannot open '{path}' — the file may be damaged or in a format decord lacks; "
+                         "check it with ffprobe or use backend='pyav'") from exc
     indices = _select(total, n_frames, stride, start, path)
 
     def load() -> Iterator[np.ndarray]:
@@ -287,10 +402,33 @@ def _read_decord(path: Path, n_frames: int | None, stride: int, start: int, size
             try:
                 batch = reader.get_batch(indices[lo : lo + _CHUNK]).asnumpy()
             except Exception as exc:
-                raise VideoError(f"could not decode frames of '{path}' with decord: {_one_line(exc)} — the file may be truncated; try backend='pyav'") from exc
+                raise VideoError(f"could not decode frames {indices[lo]}-{indices[min(lo + _CHUNK, len(indices)) - 1]} "
+                                 f"of '{path}' with decord — the file may be truncated; try backend='pyav' or fewer frames") from exc
             yield from batch
 
     return _fit(load(), size), rate
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """Send what native code (decord's bundled FFmpeg) prints on file descriptor 2 to a discarded file."""
+    fd = 2  # native code writes to descriptor 2 whatever sys.stderr is (a notebook's or pytest's capture)
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:  # no descriptor 2: nothing can leak
+        yield
+        return
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), fd)
+            try:
+                yield
+            finally:
+                os.dup2(saved, fd)
+    finally:
+        os.close(saved)
 
 
 def _read_pyav(path: Path, n_frames: int | None, stride: int, start: int, size: tuple, fps: float) -> tuple[np.ndarray, float]:
@@ -315,6 +453,8 @@ def _read_pyav(path: Path, n_frames: int | None, stride: int, start: int, size: 
     except Exception as exc:
         if isinstance(exc, VideoError):
             raise
-        raise VideoError(f"could not read video '{path}' with PyAV: {_one_line(exc)} — check it is a valid video (try ffprobe)") from exc
+        reason = getattr(exc, "strerror", None) or _one_line(exc)
+        raise VideoError(f"could not decode '{path}' with PyAV ({reason}) — the file is truncated or damaged; check it "
+                         "with ffprobe or export it again") from exc
     indices = _select(total, n_frames, stride, start, path)
     return np.stack(kept[: len(indices)]), rate

@@ -1,0 +1,174 @@
+"""Checks before any model work: settings, the clip's header and output size, memory, the cache folder.
+
+Everything here fails (one line, :class:`~tokenflow.errors.TokenFlowError`) or warns before frames
+are decoded or a UNet runs, so impossible runs stop in seconds instead of at the allocator or encoder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from tokenflow.core.memory import (MemoryEstimate, ModelShape, RunShape, check_memory, current_rss,
+                                   free_device_memory, free_host_memory)
+from tokenflow.errors import ConfigError, VideoError
+from tokenflow.storage.atomic import remove_stale, temp_path
+from tokenflow.storage.video import H264_MAX_SIDE, VideoInfo, probe_video, target_size
+
+log = logging.getLogger("tokenflow")
+ASPECT_TOLERANCE = 0.03  # default sizing that changes the aspect ratio by more than this is reported
+MB = 1 << 20
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """Ranges of the run keys and no unknown top-level key (``+foo=1`` is refused, not ignored)."""
+    from tokenflow.cli.config import RunConfig, validate_run
+
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = [k for k in cfg if k not in known]
+    if unknown:
+        raise ConfigError(f"{unknown[0]}={cfg.get(unknown[0])}: tokenflow has no setting {unknown[0]!r} — check the "
+                          f"spelling (settings: {', '.join(sorted(known))})")
+    validate_run(cfg)
+
+
+def video_path(value: str | None) -> str:
+    """``video=`` as a path: ``sample`` (or unset) is the clip embedded in the package."""
+    from tokenflow.samples import SAMPLE_DESCRIPTION, is_sample, sample_video_path
+
+    if is_sample(value):
+        print(f"video: the embedded sample clip ({SAMPLE_DESCRIPTION}) — set video=path/to/clip.mp4 for your own")
+        return str(sample_video_path())
+    return str(value)
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """The clip's header and what the run will read: frame count (None if unknown) and output size."""
+
+    source: VideoInfo
+    n_frames: int | None
+    height: int
+    width: int
+
+
+def plan_size(cfg: DictConfig, path: str) -> SizePlan:
+    """Read the clip's header, fix the output size and frame count (refusing more frames than it has), and
+    warn when default sizing changes the aspect ratio by more than ``ASPECT_TOLERANCE``."""
+    info = probe_video(path)
+    h, w = target_size(info.height, info.width, cfg.height, cfg.width)
+    if cfg.height is None or cfg.width is None:
+        change = (w / h) / (info.width / info.height) - 1
+        if abs(change) > ASPECT_TOLERANCE:
+            log.warning("default sizing maps the %dx%d clip to %dx%d (multiples of 64): the aspect ratio changes by "
+                        "%+.0f%% — set height= and width= to choose the size", info.height, info.width, h, w,
+                        100 * change)
+    n = None
+    if info.n_frames:
+        n = len(range(0, info.n_frames, cfg.frame_stride))
+        if cfg.n_frames is not None and n < cfg.n_frames:
+            needs = (cfg.n_frames - 1) * cfg.frame_stride + 1
+            raise VideoError(f"video '{path}' has {info.n_frames} frames; n_frames={cfg.n_frames} with frame_stride "
+                             f"{cfg.frame_stride} needs {needs} — lower n_frames or frame_stride")
+        n = min(n, cfg.n_frames) if cfg.n_frames is not None else n
+        if cfg.get("round_frames_down"):
+            n -= n % cfg.keyframe_stride
+    return SizePlan(info, n if n else None, h, w)
+
+
+def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, inverter: Any, editor: Any = None,
+              propagator: Any = None, keyframes: Any = None) -> RunShape:
+    """The :class:`RunShape` of this run (edit parts None for ``tokenflow-invert``)."""
+    kept = len(inverter.kept_timesteps(model.scheduler))
+    config = getattr(inverter, "config", None)
+    batch = int(getattr(config, "batch_size", cfg.chunk_size))
+    if editor is None:  # invert + reconstruct: one branch, no keyframes
+        return RunShape(n_frames, plan.height, plan.width, kept, 1, 0, batch, batch, model.vae_batch,
+                        model.device.type == "cuda")
+    source = bool(getattr(editor, "needs_source", False) or getattr(propagator, "needs_source", False))
+    joint = 0
+    if getattr(propagator, "uses_keyframes", False):
+        joint = max((len(k) for k in keyframes.sequence(cfg.n_steps, n_frames)), default=0)
+    return RunShape(n_frames, plan.height, plan.width, kept, 2 + int(source), joint, cfg.chunk_size, batch,
+                    model.vae_batch, model.device.type == "cuda")
+
+
+def check_run_memory(model: Any, shape: RunShape, what: str = "") -> tuple[MemoryEstimate, dict[str, float]]:
+    """Refuse a run whose estimated peak does not fit, or whose frames the encoder refuses (one line: the
+    estimate, what is free, the largest size that fits); else the estimate and the estimated peaks in MiB
+    (process RSS now + the run's addition)."""
+    estimate = check_memory(ModelShape.from_model(model), shape, free_host_memory(),
+                            free_device_memory(model.device), what, max_side=H264_MAX_SIDE)
+    peaks = {"estimated_peak_rss_mb": (current_rss() + estimate.host_bytes) / MB}
+    if shape.cuda:
+        import torch
+
+        peaks["estimated_peak_cuda_mb"] = (torch.cuda.memory_allocated(model.device) + estimate.device_bytes) / MB
+    return estimate, peaks
+
+
+def size_phrase(cfg: DictConfig, plan: SizePlan, n_frames: int) -> str:
+    """How the run's size came about, for messages: ``height=8192 width=8192`` or the default sizing."""
+    given = [f"{k}={cfg.get(k)}" for k in ("height", "width") if cfg.get(k) is not None]
+    if len(given) == 2:
+        return f"{n_frames} frames at {' '.join(given)}"
+    how = f"{' '.join(given)} and default sizing" if given else "default sizing"
+    return f"{n_frames} frames at {plan.height}x{plan.width} ({how} of a {plan.source.height}x{plan.source.width} clip)"
+
+
+def open_cache(cfg: DictConfig):
+    """The inversion cache, or None (``use_cache=false``, or a folder that cannot be written: warned)."""
+    from tokenflow.paths import default_cache_dir
+    from tokenflow.storage.cache import InversionCache
+
+    if not cfg.use_cache:
+        return None
+    folder = Path(cfg.cache_dir or default_cache_dir()) / "inversions"
+    problem = writable(folder)
+    if problem:
+        log.warning("the inversion cache folder %s cannot be written (%s) — running without the cache; set "
+                    "cache_dir= to a writable folder", folder, problem)
+        return None
+    cache = InversionCache(folder)
+    cache.remove_stale()
+    return cache
+
+
+def writable(folder: Path) -> str | None:
+    """None when a file can be created in ``folder`` (created if missing), else the reason."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = temp_path(folder / "write-test")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+def remove_leftovers(cfg: DictConfig, run_dir: Path) -> None:
+    """Delete temporaries of killed runs: in the cache's model folder and in the runs beside this one."""
+    from tokenflow.paths import default_cache_dir
+
+    remove_stale(Path(cfg.cache_dir or default_cache_dir()) / "models")
+    remove_stale(run_dir.parent, depth=2)
+
+
+def frames_to_check(plan: SizePlan, cfg: DictConfig) -> int:
+    """Frames for the memory check before reading: the header's count, else n_frames, else 1 (rechecked later)."""
+    return plan.n_frames or cfg.n_frames or 1
+
+
+
+
+def quiet_progress_bars() -> None:
+    """``progress=false`` also silences the weight-loading bars of transformers and diffusers."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()

@@ -1,0 +1,275 @@
+"""Peak memory of a run, estimated from the model's shapes before any frame is decoded or any UNet runs.
+
+The estimate is the memory a run adds on top of what the process holds when it is made (imports and
+loaded weights: measure that with :func:`current_rss`). It is the largest of four phases, each the sum
+of what is alive in it:
+
+* ``encode``: input frames (uint8 + float32), the VAE encoder's working set for ``vae_batch`` frames;
+* ``invert``: frames, clean latents, the inversion trajectory (twice: kept list and stacked result),
+  the UNet's working set for ``inversion_batch`` frames with one branch;
+* ``edit``: frames, trajectory, edited latents (twice), the keyframe tokens stored for propagation
+  (every self-attention layer, every branch, every keyframe), the UNet's working set for
+  ``branches x max(keyframes, chunk_size)`` samples (the joint keyframe pass is the larger call);
+* ``decode``: frames, trajectory, latents, decoded float32 frames, output uint8 frames and the VAE
+  decoder's working set for ``vae_batch`` frames.
+
+A UNet's working set is its skip connections plus the largest level's temporaries: ``RESNET_FACTOR``
+feature maps of that level's width for a level without attention, ``ATTENTION_FACTOR`` with one
+(q, k, v, output, the GEGLU projection to 8x width and its product, norms and residuals). The VAE's
+is ``(2 C1 + 3 C0)`` full-resolution maps for decoding (the upsampled input and the last resnet's
+temporaries) and ``(3 + 4 C0)`` for encoding. Attention scores are not counted (SDPA's CPU and CUDA
+kernels do not materialise them). On CUDA the UNet/VAE working sets, stored tokens and latents are on
+the device; frames and the trajectory stay in host memory. Every phase also holds
+``RUNTIME_OVERHEAD`` of host memory that does not depend on the run's size.
+
+Measured on the tiny model (8 frames, 5 steps, PnP + TokenFlow, CPU; ``peak_rss_mb`` vs
+``estimated_peak_rss_mb`` of the CLI's metrics.json): at 256x256 the run's addition is estimated
+15% low (362 vs 427 MB) and the peak RSS 6% low (997 vs 1062 MB); at 512x512 11% low (1063 vs
+1200 MB) and 7% low (1698 vs 1834 MB). The overhead constant was set from a 2-frame 64x64 run.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenflow.errors import ConfigError
+
+RUNTIME_OVERHEAD = 128 << 20  # host memory a run adds whatever its size: video decoders and OpenCV loaded on
+#                               first use, oneDNN kernels, allocator slack (116 MB measured on 2 frames at 64x64)
+RESNET_FACTOR = 8       # feature maps of a level's width alive in a resnet block (input, norm, act, convs, skip)
+ATTENTION_FACTOR = 19   # ... in a transformer block: q, k, v, out (4) + GEGLU 8x + product 4x + norms/residual (3)
+GIB = 1 << 30
+MIB = 1 << 20
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a model: widths and levels of the UNet and VAE, dtype size, weights."""
+
+    unet_channels: tuple[int, ...]          # block_out_channels, level 0 (full latent resolution) first
+    unet_attention: tuple[bool, ...]        # whether each level's blocks have transformer (attention) layers
+    unet_layers: int                        # resnets per down block (up blocks have one more)
+    latent_channels: int
+    vae_scale: int                          # pixels per latent, per side (8 for SD)
+    vae_channels: tuple[int, ...]           # VAE block_out_channels, full resolution first
+    element_size: int                       # bytes per element of the UNet's compute dtype
+    vae_element_size: int = 4               # ... of the VAE's (SD VAEs run in float32 when upcast)
+    weights_bytes: int = 0                  # parameters and buffers (already resident when estimating)
+
+    @classmethod
+    def from_model(cls, model: Any) -> "ModelShape":
+        """From a :class:`~tokenflow.models.DiffusionModel` (its UNet and VAE configs)."""
+        u, v = model.unet.config, model.vae.config
+        layers = u.layers_per_block if isinstance(u.layers_per_block, int) else max(u.layers_per_block)
+        weights = sum(t.numel() * t.element_size() for part in (model.unet, model.vae, model.text_encoder)
+                      if part is not None for t in list(part.parameters()) + list(part.buffers()))
+        return cls(tuple(u.block_out_channels), tuple("Attn" in t for t in u.down_block_types), int(layers),
+                   int(u.in_channels), int(model.vae_scale_factor), tuple(v.block_out_channels),
+                   int(model.unet.dtype.itemsize), int(model.vae_dtype.itemsize), int(weights))
+
+    def self_attention_tokens(self, h: int, w: int) -> int:
+        """sum over self-attention layers of tokens x channels, for latents (h, w): what a keyframe stores."""
+        total = 0
+        for level, (c, attn) in enumerate(zip(self.unet_channels, self.unet_attention)):
+            if attn:
+                s = _level_tokens(h, w, level)
+                total += (2 * self.unet_layers + 1) * s * c  # down (L) + up (L + 1) transformer blocks
+        deepest = len(self.unet_channels) - 1
+        total += _level_tokens(h, w, deepest) * self.unet_channels[deepest]  # the mid block
+        return total
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The run's sizes: frames, output pixels, kept timesteps, UNet batches."""
+
+    n_frames: int
+    height: int
+    width: int
+    n_timesteps: int            # latents kept per frame by the inversion
+    branches: int = 3           # UNet branches per frame in the edit (PnP: source, negative, target)
+    keyframes: int = 1          # keyframes edited jointly per step
+    chunk_size: int = 8         # frames per UNet call in the propagation pass
+    inversion_batch: int = 8    # frames per UNet call in the inversion
+    vae_batch: int = 8          # frames per VAE call
+    cuda: bool = False          # UNet/VAE on a CUDA device (their working sets count on the device)
+
+    def resized(self, height: int, width: int) -> "RunShape":
+        return RunShape(self.n_frames, height, width, self.n_timesteps, self.branches, self.keyframes,
+                        self.chunk_size, self.inversion_batch, self.vae_batch, self.cuda)
+
+
+@dataclass
+class MemoryEstimate:
+    """Bytes a run adds at its peak: in host memory, and on the CUDA device (0 on CPU)."""
+
+    host_bytes: int
+    device_bytes: int
+    phase: str                              # the phase of the larger peak
+    parts: dict[str, int] = field(default_factory=dict)  # that phase's contributions
+
+    def as_dict(self) -> dict[str, Any]:
+        """MiB figures for a report: phase, host, device, and the phase's parts."""
+        return {"phase": self.phase, "host_mb": self.host_bytes / MIB, "device_mb": self.device_bytes / MIB,
+                "parts_mb": {name: b / MIB for name, b in self.parts.items()}}
+
+    def describe(self) -> str:
+        top = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
+        return f"{self.phase}: " + ", ".join(f"{name} {_gib(b)}" for name, b in top)
+
+
+def unet_working_set(m: ModelShape, h: int, w: int, batch: int) -> int:
+    """Bytes of a UNet forward on ``batch`` latents of (h, w): skip connections + the largest level's temporaries."""
+    e, levels = m.element_size, len(m.unet_channels)
+    skips = m.unet_channels[0] * _level_tokens(h, w, 0)
+    for level, c in enumerate(m.unet_channels):
+        skips += m.unet_layers * c * _level_tokens(h, w, level)
+        if level < levels - 1:
+            skips += c * _level_tokens(h, w, level + 1)
+    work = max((ATTENTION_FACTOR if attn else RESNET_FACTOR) * c * _level_tokens(h, w, level)
+               for level, (c, attn) in enumerate(zip(m.unet_channels, m.unet_attention)))
+    return batch * e * (skips + work)
+
+
+def vae_working_set(m: ModelShape, height: int, width: int, batch: int, decode: bool) -> int:
+    """Bytes of a VAE decoder (or encoder) call on ``batch`` frames of (height, width) pixels."""
+    c0 = m.vae_channels[0]
+    c1 = m.vae_channels[1] if len(m.vae_channels) > 1 else c0
+    maps = 2 * c1 + 3 * c0 if decode else 3 + 4 * c0
+    return batch * m.vae_element_size * maps * height * width
+
+
+def estimate_peak(m: ModelShape, r: RunShape) -> MemoryEstimate:
+    """The peak memory a run adds (host and device), from the shapes alone; see the module docstring."""
+    h, w = r.height // m.vae_scale, r.width // m.vae_scale
+    n, f32 = r.n_frames, 4
+    latents = n * m.latent_channels * h * w * f32
+    frames_u8 = n * r.height * r.width * 3
+    frames_f32 = n * 3 * r.height * r.width * f32
+    trajectory = r.n_timesteps * latents
+    tokens = r.branches * r.keyframes * m.self_attention_tokens(h, w) * m.element_size
+    vb = min(r.vae_batch, n)
+    phases: dict[str, dict[str, tuple[int, bool]]] = {  # name -> part -> (bytes, on the device when CUDA)
+        "encode": {"frames": (frames_u8 + frames_f32, False), "latents": (latents, False),
+                   "VAE encoder": (vae_working_set(m, r.height, r.width, vb, decode=False), True)},
+        "invert": {"frames": (frames_u8, False), "latents": (latents, False),
+                   "inversion trajectory": (2 * trajectory, False),
+                   "UNet": (unet_working_set(m, h, w, min(r.inversion_batch, n)), True)},
+        "edit": {"frames": (frames_u8, False), "inversion trajectory": (trajectory, False),
+                 "latents": (2 * latents, True), "keyframe tokens": (tokens, True),
+                 "UNet": (unet_working_set(m, h, w, r.branches * max(r.keyframes, min(r.chunk_size, n))), True)},
+        "decode": {"frames": (2 * frames_u8 + frames_f32, False), "inversion trajectory": (trajectory, False),
+                   "latents": (latents, False),
+                   "VAE decoder": (vae_working_set(m, r.height, r.width, vb, decode=True), True)},
+    }
+    for parts in phases.values():
+        parts["libraries and allocator"] = (RUNTIME_OVERHEAD, False)
+    totals = {phase: (sum(b for b, dev in parts.values() if not (dev and r.cuda)),
+                      sum(b for b, dev in parts.values() if dev and r.cuda)) for phase, parts in phases.items()}
+    peak = max(totals, key=lambda phase: max(totals[phase]))
+    return MemoryEstimate(max(t[0] for t in totals.values()), max(t[1] for t in totals.values()), peak,
+                          {name: b for name, (b, _) in phases[peak].items()})
+
+
+def largest_fitting_size(m: ModelShape, r: RunShape, host_free: int, device_free: int | None,
+                         max_side: int | None = None) -> tuple[int, int] | None:
+    """The largest (height, width), multiples of 64 with about ``r``'s aspect ratio and no side above
+    ``max_side``, whose estimate fits; None when not even the smallest does."""
+    ratio = max(r.width, r.height) / min(r.width, r.height)
+    longest = max_side // 64 * 64 if max_side is not None else None
+    short = min(r.height, r.width)
+    while short >= 64:
+        long = max(64, round(short * ratio / 64) * 64)
+        long = min(long, longest) if longest is not None else long  # past the limit the aspect ratio gives way
+        size = (short, long) if r.width >= r.height else (long, short)
+        if max(size) <= max(r.height, r.width) and fits(estimate_peak(m, r.resized(*size)), host_free, device_free):
+            return size
+        short -= 64
+    return None
+
+
+def fits(estimate: MemoryEstimate, host_free: int, device_free: int | None) -> bool:
+    return estimate.host_bytes <= host_free and (device_free is None or estimate.device_bytes <= device_free)
+
+
+def check_memory(m: ModelShape, r: RunShape, host_free: int, device_free: int | None = None,
+                 what: str = "", max_side: int | None = None) -> MemoryEstimate:
+    """The estimate, or a one-line ConfigError with it, what is free and the largest size that fits.
+
+    ``max_side``: the largest side the outputs can have (the video encoder's limit), also refused here.
+    """
+    estimate = estimate_peak(m, r)
+    too_wide = max_side is not None and max(r.height, r.width) > max_side
+    if fits(estimate, host_free, device_free) and not too_wide:
+        return estimate
+    size = largest_fitting_size(m, r, host_free, device_free, max_side)
+    fix = (f"the largest size that fits is height={size[0]} width={size[1]}" if size else
+           "even 64 pixels a side does not fit — use fewer frames (n_frames=) or a machine with more memory")
+    what = what or f"{r.n_frames} frames at {r.height}x{r.width}"
+    if not fits(estimate, host_free, device_free):
+        on_device = device_free is not None and estimate.device_bytes > device_free
+        need, free = (estimate.device_bytes, device_free) if on_device else (estimate.host_bytes, host_free)
+        raise ConfigError(f"{what} needs about {_gib(need)} of {'GPU memory' if on_device else 'memory'} "
+                          f"({estimate.describe()}) but {_gib(free or 0)} is free — {fix}")
+    raise ConfigError(f"{what}: the video encoder takes at most {max_side} pixels a side (the run would need about "
+                      f"{_gib(max(estimate.host_bytes, estimate.device_bytes))}) — {fix}")
+
+
+def current_rss() -> int:
+    """Resident memory of this process now, bytes."""
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process so far, bytes (``getrusage``; Linux reports KiB)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def free_host_memory() -> int:
+    """Bytes this process may still allocate: the system's available memory, capped by a cgroup limit."""
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    limit, used = _read_int(Path("/sys/fs/cgroup/memory.max")), _read_int(Path("/sys/fs/cgroup/memory.current"))
+    if limit is not None and used is not None:
+        free = min(free, max(0, limit - used))
+    return free
+
+
+def free_device_memory(device: Any) -> int | None:
+    """Free bytes on a CUDA ``device``; None for CPU."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return int(torch.cuda.mem_get_info(device)[0])
+
+
+def _level_tokens(h: int, w: int, level: int) -> int:
+    return math.ceil(h / 2**level) * math.ceil(w / 2**level)
+
+
+def _read_int(path: Path) -> int | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def _gib(n: int) -> str:
+    return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / MIB:.0f} MiB"
+
+
+__all__ = ["ModelShape", "RunShape", "MemoryEstimate", "estimate_peak", "check_memory", "largest_fitting_size",
+           "unet_working_set", "vae_working_set", "current_rss", "peak_rss", "free_host_memory",
+           "free_device_memory"]
