@@ -39,7 +39,7 @@ def looped_clip(source: Path, n: int, size: int, folder: Path) -> Path:
 
 def run(video: Path, n: int, size: int, steps: int, extra: list[str], out: Path, cache: Path) -> dict:
     overrides = ["model=tiny", f"video={video}", f"n_frames={n}", f"height={size}", f"width={size}",
-                 f"n_steps={steps}", "progress=false", "warp_metric=false", f"hydra.run.dir={out}"]
+                 f"n_steps={steps}", "progress=false", "metrics=none", f"hydra.run.dir={out}"]
     overrides += [o.replace("${n}", str(n)).replace("${steps10}", str(10 * steps)) for o in extra]
     env = {**os.environ, "TOKENFLOW_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
     exe = Path(sys.executable).parent / "tokenflow-edit"

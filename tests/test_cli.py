@@ -104,7 +104,7 @@ def test_verbose_shows_the_traceback(tmp_path, cache_dir):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
-TINY = ["model=tiny", "n_frames=2", "height=64", "width=64", "n_steps=2", "progress=false", "warp_metric=false"]
+TINY = ["model=tiny", "n_frames=2", "height=64", "width=64", "n_steps=2", "progress=false", "metrics=none"]
 MY_PARTS = textwrap.dedent("""
     # a user's own editor and propagator, in the folder tokenflow-edit runs from
     import json

@@ -253,7 +253,7 @@ def test_cli_runs_editor_controlnet_on_the_tiny_model(tmp_path, cache_dir):
     result = run("tokenflow-edit", "model=tiny", "editor=controlnet", "editor.controlnets.canny.source=tiny",
                  "+editor.controlnets.soft={source: tiny, condition: softedge, scale: 0.5}", "video=sample",
                  "n_frames=2", "height=64", "width=64", "n_steps=2", "keyframe_stride=2", "progress=false",
-                 "warp_metric=false", "prompt=a fox", cwd=tmp_path, cache=cache_dir)
+                 "metrics=none", "prompt=a fox", cwd=tmp_path, cache=cache_dir)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(next(tmp_path.glob("**/metrics.json")).read_text())  # the run report
     assert report["status"] == "ok" and report["info"]["n_frames"] == 2

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 BIN = Path(sys.executable).parent
-TINY = ["model=tiny", "n_frames=2", "height=64", "width=64", "n_steps=2", "progress=false", "warp_metric=false"]
+TINY = ["model=tiny", "n_frames=2", "height=64", "width=64", "n_steps=2", "progress=false", "metrics=none"]
 
 
 # ---- the files --------------------------------------------------------------------------------------

@@ -53,13 +53,14 @@ class RunConfig:
     use_cache: bool = True
     progress: bool = True
     verbose: bool = False               # full tracebacks on errors
-    warp_metric: bool = True            # compute warp error of the output (OpenCV flow on the input)
     model: Any = None
     inverter: Any = None
     editor: Any = None
     propagator: Any = None
     search: Any = None
     keyframes: Any = None
+    metrics: Any = None                 # the scores of the output (conf/metrics: default, full, tiny, none)
+    attention: Any = None               # what keyframes attend to (conf/attention: full, anchors)
     experiment: Any = None
 
 

@@ -1,7 +1,8 @@
 """Console scripts ``tokenflow-invert`` and ``tokenflow-edit``: thin Hydra layers over the Python API.
 
 Each run gets its own folder (claimed with an exclusive mkdir, see :mod:`tokenflow.cli.rundir`) with
-``config.yaml`` (resolved), ``metrics.json`` (:mod:`tokenflow.cli.report`) and, on success only,
+``config.yaml`` (resolved), ``manifest.json`` (provenance: code, packages, device, input hash, model
+identity, seed), ``metrics.json`` (:mod:`tokenflow.cli.report`) and, on success only,
 ``input.mp4``, ``edited.mp4`` (or ``reconstruction.mp4``) and ``frames/``. Every user error, from
 Hydra or from tokenflow, is one line on stderr and exit status 2 (``verbose=true``: the traceback);
 in a sweep a failing job records its error and the sweep goes on, then the process exits 2 with one
@@ -26,8 +27,9 @@ import tokenflow.cli.config  # noqa: F401  registers the run schema
 from tokenflow.cli import preflight
 from tokenflow.cli.messages import user_error
 from tokenflow.cli.plugins import make_cwd_importable, register_class_options
-from tokenflow.cli.report import WARP_DEFINITION, RunReport, SweepFailed, parse_overrides, save_config
+from tokenflow.cli.report import RunReport, SweepFailed, parse_overrides, save_config
 from tokenflow.cli.rundir import register_resolvers
+from tokenflow.evaluation.provenance import run_manifest, write_manifest
 
 log = logging.getLogger("tokenflow")
 RunFunction = Callable[[DictConfig, Path, RunReport], None]
@@ -65,6 +67,8 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
         estimate, peaks = preflight.check_run_memory(model, shape, preflight.size_phrase(cfg, plan, video.n_frames))
     for name, value in peaks.items():
         report.metric(name, value)
+    write_manifest(run_dir, run_manifest(cfg, model=model, video=video, seed=cfg.seed, command=report.command,
+                                         started_at=report.started))
     report.info.update({"video": path, "n_frames": video.n_frames, "height": video.height, "width": video.width,
                         "fps": video.fps, "source_size": [plan.source.height, plan.source.width],
                         "model": model.identity, "model_fingerprint": model.fingerprint,
@@ -110,19 +114,22 @@ def run_invert(cfg: DictConfig, out: Path, report: RunReport) -> None:
 
 def run_edit(cfg: DictConfig, out: Path, report: RunReport) -> None:
     """The TokenFlow edit; writes edited.mp4, frames/, input.mp4 (on success) and metrics.json."""
+    from omegaconf import OmegaConf
+
     from tokenflow.cli.config import build, negative_prompt
     from tokenflow.core.pipeline import TokenFlowPipeline
-    from tokenflow.evaluation.metrics import warp_error
+    from tokenflow.evaluation.scores import build_suite
     from tokenflow.storage.video import write_frames, write_video
 
     def parts() -> dict[str, Any]:
         return {"inverter": build(cfg.inverter), "editor": build(cfg.editor), "propagator": build(cfg.propagator),
-                "keyframes": build(cfg.keyframes)}
+                "keyframes": build(cfg.keyframes), "attention": build(cfg.attention)}
 
     t0 = time.perf_counter()
+    suite = build_suite(OmegaConf.to_container(cfg.metrics, resolve=True))  # a bad metric setting fails before any work
     model, video, p = _prepare(cfg, report, out, parts)
     pipe = TokenFlowPipeline(model, p["editor"], p["propagator"], p["keyframes"], p["inverter"], n_steps=cfg.n_steps,
-                             chunk_size=cfg.chunk_size, cache=preflight.open_cache(cfg))
+                             chunk_size=cfg.chunk_size, cache=preflight.open_cache(cfg), attention=p["attention"])
     result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt, progress=cfg.progress)
     write_video(report.output("edited.mp4"), result.frames, video.fps)
     write_frames(report.output("frames"), result.frames)
@@ -131,10 +138,13 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport) -> None:
         report.metric(name, value)
     report.metric("unet_evaluations", result.unet_evaluations)
     report.info["keyframes"] = result.keyframes
-    if cfg.warp_metric and video.n_frames > 1:
-        w = warp_error(result.frames, video.frames)
-        report.metric(w["metric_name"], w["warp_error"], WARP_DEFINITION.format(method=w["metric_name"].split("-")[-1]))
-        report.metric("warp_occluded_fraction", w["occluded_fraction"])
+    t1 = time.perf_counter()
+    scores = suite.evaluate(result.frames, video.frames, cfg.prompt)
+    for name, value in scores.values.items():
+        report.metric(name, value, scores.definitions[name])
+    if scores.meaningless:
+        report.info["meaningless_metrics"] = scores.meaningless
+    report.metric("scoring_s", time.perf_counter() - t1, "wall seconds to compute the configured metrics (cfg.metrics)")
     report.metric("total_s", time.perf_counter() - t0)
     print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {report.metrics['total_s']:.1f}s "
           f"({result.unet_evaluations} UNet evaluations) → {out / 'edited.mp4'}")
@@ -158,8 +168,10 @@ class _Session:
         self.verbose = bool(cfg.get("verbose", False))
         logging.getLogger("tokenflow").setLevel(logging.INFO)
         report = RunReport(out, self.task, parse_overrides(list(hc.overrides.task)))
+        report.command = [f"tokenflow-{self.task}", *self.args]
         try:
             save_config(cfg, out)
+            write_manifest(out, run_manifest(cfg, command=report.command, started_at=report.started))
             self.run(cfg, out, report)
         except Exception as e:
             line = user_error(e, self.args)

@@ -81,7 +81,7 @@ def plan_size(cfg: DictConfig, path: str) -> SizePlan:
 
 
 def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, inverter: Any, editor: Any = None,
-              propagator: Any = None, keyframes: Any = None) -> RunShape:
+              propagator: Any = None, keyframes: Any = None, attention: Any = None) -> RunShape:
     """The :class:`RunShape` of this run (edit parts None for ``tokenflow-invert``)."""
     kept = len(inverter.kept_timesteps(model.scheduler))
     config = getattr(inverter, "config", None)
@@ -89,12 +89,16 @@ def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, invert
     if editor is None:  # invert + reconstruct: one branch, no keyframes
         return RunShape(n_frames, plan.height, plan.width, kept, 1, 0, batch, batch, model.vae_batch,
                         model.device.type == "cuda")
-    source = bool(getattr(editor, "needs_source", False) or getattr(propagator, "needs_source", False))
-    joint = 0
-    if getattr(propagator, "uses_keyframes", False):
-        joint = max((len(k) for k in keyframes.sequence(cfg.n_steps, n_frames)), default=0)
+    source = bool(editor.needs_source or propagator.needs_source)
+    joint = held = anchors = 0
+    if propagator.uses_keyframes:
+        joint = held = max((len(k) for k in keyframes.sequence(cfg.n_steps, n_frames)), default=0)
+        if attention is not None and attention.bounded:  # anchors jointly; then segments of keyframes
+            anchors = min(attention.anchors, joint)
+            held = min(joint, attention.segment + anchors + 1)
+            joint = anchors
     return RunShape(n_frames, plan.height, plan.width, kept, 2 + int(source), joint, cfg.chunk_size, batch,
-                    model.vae_batch, model.device.type == "cuda")
+                    model.vae_batch, model.device.type == "cuda", held_keyframes=held, anchors=anchors)
 
 
 def check_run_memory(model: Any, shape: RunShape, what: str = "") -> tuple[MemoryEstimate, dict[str, float]]:

@@ -18,57 +18,24 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from tokenflow.core.memory import peak_rss
+from tokenflow.evaluation import summary
+from tokenflow.evaluation.scores import PIPELINE_METRICS
 from tokenflow.storage.atomic import temp_path, write_json
 
 log = logging.getLogger("tokenflow")
 MB = 1 << 20
 
-DEFINITIONS = {
-    "unet_evaluations": "image-UNet evaluations in the edit (batch elements summed over calls), inversion excluded",
-    "inversion_s": "wall seconds to obtain the inversion (encode + DDIM inversion, or the cache load on a hit)",
-    "editing_s": "wall seconds of the denoising loop (keyframe passes, propagation, DDIM steps)",
-    "decoding_s": "wall seconds to decode the edited latents with the VAE",
-    "reconstruction_s": "wall seconds to DDIM-sample the inversion back and decode it",
-    "total_s": "wall seconds of the job, from reading the config to writing the outputs",
-    "inversion_cache_hit": "1 when the inversion was loaded from the cache, 0 when computed",
-    "peak_rss_mb": "peak resident memory of the process (getrusage ru_maxrss), MiB, model loading included",
-    "peak_cuda_mb": "peak CUDA memory allocated by torch (torch.cuda.max_memory_allocated), MiB",
-    "estimated_peak_rss_mb": "the preflight estimate of peak resident memory (tokenflow.core.memory), MiB",
-    "estimated_peak_cuda_mb": "the preflight estimate of peak CUDA memory (tokenflow.core.memory), MiB",
-    "warp_occluded_fraction": "fraction of pixels excluded from the warp error by the forward-backward flow check",
-    "psnr_reconstruction_vs_input": "PSNR (dB, uint8) of the decoded DDIM reconstruction against the input frames",
-    "psnr_vae_only_vs_input": "PSNR (dB, uint8) of the VAE-only round trip (encode, decode) against the input frames",
-    "psnr_reconstruction_vs_vae_only": "PSNR (dB, uint8) of the DDIM reconstruction against the VAE-only round trip",
-    "latent_relative_error": "||reconstructed z0 - encoded z0|| / ||encoded z0|| over all frames",
-}
-WARP_DEFINITION = ("mean over consecutive frame pairs of the MSE (RGB in [0, 1]) between edited frame t+1 and edited "
-                   "frame t warped by OpenCV {method} flow estimated on the source video, pixels failing the "
-                   "forward-backward check excluded; not comparable with RAFT-based figures")
-
-
 def parse_overrides(lines: list[str]) -> dict[str, Any]:
-    """Hydra override lines (``.hydra/overrides.yaml``) as key -> value (``+``/``~`` dropped, values typed)."""
-    parser = OverridesParser.create()
-    out: dict[str, Any] = {}
-    for line in lines:
-        try:
-            o = parser.parse_override(line)
-            key = o.get_key_element().lstrip("+~")
-            value = None if o.is_delete() else o.value()
-            out[key] = value if isinstance(value, (bool, int, float, str, type(None))) else \
-                json.loads(json.dumps(value, default=str))
-        except Exception:
-            key, _, value = line.partition("=")
-            out[key.lstrip("+~")] = value
-    return out
+    """Hydra override lines (``.hydra/overrides.yaml``) as key -> JSON-compatible value."""
+    return json.loads(json.dumps(summary.parse_overrides(lines), default=str))
 
 
 @dataclass
@@ -81,11 +48,13 @@ class RunReport:
     metrics: dict[str, float] = field(default_factory=dict)
     definitions: dict[str, str] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+    started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
     _staging: Path | None = None
 
     def metric(self, name: str, value: float, definition: str | None = None) -> None:
         self.metrics[name] = float(value)
-        self.definitions[name] = definition or DEFINITIONS.get(name, name)
+        self.definitions[name] = definition or PIPELINE_METRICS.get(name, name)
 
     def output(self, name: str) -> Path:
         """Where to write the output ``name``: a hidden staging folder, moved into the run folder only when

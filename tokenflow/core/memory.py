@@ -30,7 +30,7 @@ Measured on the tiny model (8 frames, 5 steps, PnP + TokenFlow, CPU; ``peak_rss_
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -95,10 +95,11 @@ class RunShape:
     inversion_batch: int = 8    # frames per UNet call in the inversion
     vae_batch: int = 8          # frames per VAE call
     cuda: bool = False          # UNet/VAE on a CUDA device (their working sets count on the device)
+    held_keyframes: int | None = None  # keyframes whose tokens are held for propagation (None: ``keyframes``)
+    anchors: int = 0            # attention.context=anchors: keyframes whose keys/values every keyframe reads
 
     def resized(self, height: int, width: int) -> "RunShape":
-        return RunShape(self.n_frames, height, width, self.n_timesteps, self.branches, self.keyframes,
-                        self.chunk_size, self.inversion_batch, self.vae_batch, self.cuda)
+        return replace(self, height=height, width=width)
 
 
 @dataclass
@@ -149,7 +150,9 @@ def estimate_peak(m: ModelShape, r: RunShape) -> MemoryEstimate:
     frames_u8 = n * r.height * r.width * 3
     frames_f32 = n * 3 * r.height * r.width * f32
     trajectory = r.n_timesteps * latents
-    tokens = r.branches * r.keyframes * m.self_attention_tokens(h, w) * m.element_size
+    held = r.keyframes if r.held_keyframes is None else r.held_keyframes
+    tokens = r.branches * held * m.self_attention_tokens(h, w) * m.element_size
+    tokens += 2 * (r.branches - 1) * r.anchors * m.self_attention_tokens(h, w) * m.element_size  # anchors' K, V
     vb = min(r.vae_batch, n)
     phases: dict[str, dict[str, tuple[int, bool]]] = {  # name -> part -> (bytes, on the device when CUDA)
         "encode": {"frames": (frames_u8 + frames_f32, False), "latents": (latents, False),
