@@ -113,3 +113,19 @@ def test_bounded_context_needs_the_paper_blend(tiny):
                           attention=KeyframeAttention("anchors"))
     with pytest.raises(ConfigError, match="attention.context='nearby' is unknown"):
         KeyframeAttention("nearby")
+
+
+def test_propagating_only_some_stages(tiny, inversion):
+    """stages=[up]: down and mid layers attend per frame in the propagate pass and keep no tokens; the edit is
+    between the full method and per-frame editing."""
+    from tokenflow import NoPropagation
+
+    def edit(propagator):
+        pipe = TokenFlowPipeline(tiny, PnPEditor(), propagator, RandomKeyframes(2, seed=4), n_steps=3, chunk_size=2)
+        return pipe.edit(inversion, "a red texture", "ugly", progress=False).latents
+
+    full, up, per_frame = edit(TokenFlowPropagator()), edit(TokenFlowPropagator(stages=["up"])), edit(NoPropagation())
+    d_full, d_frame = float((up - full).norm()), float((up - per_frame).norm())
+    assert d_full > 0 and d_frame > 0, (d_full, d_frame)
+    with pytest.raises(ConfigError, match="propagator.stages\\[\\]='sideways' is unknown"):
+        TokenFlowPropagator(stages=["sideways"])

@@ -171,8 +171,11 @@ class TokenFlowSelfAttention:
         n_branches = len(step.branches)
         x = rearrange(hidden_states, "(b f) s c -> b f s c", b=n_branches)
         src = step.index_of(SOURCE)
-        if step.phase == "propagate":
+        if step.phase == "propagate" and self.runtime.propagator.propagates(self.name):
             out = self._propagate(attn, x, step, src)
+        elif step.phase == "propagate":  # a layer left out of propagation (ablation): its own attention, per frame
+            q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
+            out = self._attend(attn, q, k, v, joint=False)
         else:
             q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
             joint = [b.joint and step.phase in ("keyframes", "anchors") for b in step.branches]
@@ -184,7 +187,7 @@ class TokenFlowSelfAttention:
             if step.phase == "anchors":
                 shared = [i for i, b in enumerate(step.branches) if b.joint]
                 self.runtime.anchor_kv[self.name] = (k[shared], v[shared])
-            if step.phase in ("keyframes", "anchors", "anchored"):
+            if step.phase in ("keyframes", "anchors", "anchored") and self.runtime.propagator.propagates(self.name):
                 self._keep(x, out, step, src)
         return rearrange(out, "b f s c -> (b f) s c")
 

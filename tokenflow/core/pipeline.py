@@ -231,7 +231,8 @@ class TokenFlowPipeline:
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
         self.propagator.prepare(PropagationInputs(
             self.model, inversion, timesteps, schedule, latent_hw, None if video is None else video.frames,
-            source_identity=self._source_identity(inversion, inputs.inversion_prompt), partial=self.ranks.distributed))
+            source_identity=self._source_identity(inversion, inputs.inversion_prompt), partial=self.ranks.distributed,
+            layout=self.layout))
         source = self.source_branch(inputs.inversion_prompt)  # after prepare: what the propagator needs is known
         self.unet_evaluations = 0
         t0 = time.perf_counter()

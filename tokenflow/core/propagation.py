@@ -81,6 +81,7 @@ class PropagationInputs:
     frames: np.ndarray | None = None  # (N, H, W, 3) uint8 input frames when the caller has them, else None
     source_identity: str = ""        # hash of what the source branch's tokens depend on (model, inversion, prompt)
     partial: bool = False            # this process steps only its share of the frames (several processes)
+    layout: Any = None               # the UNet's UNetLayout (self-attention layers and their stages)
 
 
 @dataclass
@@ -135,6 +136,11 @@ class Propagator(ABC):
     def finish(self) -> None:
         """Called once the edit's last step is done (e.g. to write what was recorded); default nothing."""
 
+    def propagates(self, layer: str) -> bool:
+        """Whether ``layer``'s attention is propagated; a layer that is not computes its own, per frame (ablations).
+        Default: every self-attention layer."""
+        return True
+
     @abstractmethod
     def propagate(self, query: PropagationQuery) -> Tensor:
         """The self-attention outputs (B, F, S, D) of the query's frames, from the keyframes'."""
@@ -151,6 +157,13 @@ class SourceFeatures(str, Enum):
 
 
 @dataclass
+class Stage(str, Enum):
+    down = "down"
+    mid = "mid"
+    up = "up"
+
+
+@dataclass
 class TokenFlowPropagatorConfig:
     blend: Blend = Blend.paper
     stride: int = 8                                   # chunk length the reference blend assumes
@@ -160,12 +173,18 @@ class TokenFlowPropagatorConfig:
                                                       # unless the editor needs one
     cache_dir: Optional[str] = None                   # where records go: <cache_dir>/correspondences (None: the
                                                       # library's cache dir)
+    stages: Optional[list[Stage]] = None              # UNet stages whose self-attention is propagated (None: all,
+                                                      # the method); the others attend per frame (an ablation)
 
     def __post_init__(self) -> None:
         self.blend = choice(Blend, self.blend, "propagator.blend")
         self.source_features = choice(SourceFeatures, self.source_features, "propagator.source_features")
         if self.stride < 1:
             raise ConfigError(f"propagator.stride={self.stride} must be >= 1 — use the keyframe stride, e.g. 8")
+        if self.stages is not None:
+            self.stages = [choice(Stage, s, "propagator.stages[]") for s in self.stages]
+            if not self.stages:
+                raise ConfigError("propagator.stages=[] propagates nothing — use propagator=none for per-frame editing")
 
 
 class TokenFlowPropagator(Propagator):
@@ -184,6 +203,7 @@ class TokenFlowPropagator(Propagator):
         self.search = search or TorchNeighbourSearch()
         self._record: CorrespondenceRecord | None = None
         self._recording = False
+        self._layers: frozenset[str] | None = None  # propagated layers (None: all)
 
     uses_keyframes = True  # type: ignore[assignment]
 
@@ -196,7 +216,17 @@ class TokenFlowPropagator(Propagator):
     def replaying(self) -> bool:
         return self._record is not None and self._record.complete
 
+    def propagates(self, layer: str) -> bool:
+        return self._layers is None or layer in self._layers
+
     def prepare(self, inputs: PropagationInputs) -> None:
+        self._layers = None
+        if self.config.stages is not None:
+            if inputs.layout is None:
+                raise ConfigError("propagator.stages needs the UNet layout in PropagationInputs — run through "
+                                  "TokenFlowPipeline")
+            wanted = {s.value for s in self.config.stages}
+            self._layers = frozenset(n for n in inputs.layout.self_attention if inputs.layout.stage[n] in wanted)
         self._record, self._recording = None, False
         if not self.config.reuse_correspondences:
             return
