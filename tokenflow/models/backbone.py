@@ -218,7 +218,7 @@ class DiffusionModel:
         for chunk in images.split(self.vae_batch):
             posterior = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist
             latents.append(posterior.mean.float() * self.latent_scale)
-        return torch.cat(latents)
+        return torch.cat(latents).contiguous()  # the VAE may hand back channels-last; keep one memory layout
 
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:

@@ -69,13 +69,13 @@ def ddim_step(x: Tensor, eps: Tensor, alpha_from: float, alpha_to: float, clip: 
     """Move ``x`` from noise level ᾱ_from to ᾱ_to along the DDIM ODE with noise prediction ``eps``.
 
     Sampling uses (ᾱ_t, ᾱ_prev); inversion uses (ᾱ_prev, ᾱ_t): the same formula read backwards.
-    ``clip``: clamp the predicted x0 to [-clip, clip] and re-derive ε from it (``clip_sample``).
+    ``clip``: clamp the predicted x0 to [-clip, clip] (``clip_sample``); the direction term keeps the
+    unclipped ε, as diffusers' schedulers do (``use_clipped_model_output=False``, what its pipelines pass).
     """
     x, eps = x.float(), eps.float()
     pred_x0 = (x - (1 - alpha_from) ** 0.5 * eps) / alpha_from**0.5
     if clip is not None:
         pred_x0 = pred_x0.clamp(-clip, clip)
-        eps = (x - alpha_from**0.5 * pred_x0) / (1 - alpha_from) ** 0.5
     return alpha_to**0.5 * pred_x0 + (1 - alpha_to) ** 0.5 * eps
 
 

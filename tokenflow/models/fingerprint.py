@@ -3,8 +3,8 @@
 Caches keyed on the fingerprint therefore miss after any change to the weights (a merged LoRA, a
 fine-tuned text encoder, one edited value) and hit for the same weights loaded from another folder.
 Each tensor is reduced on its own device, exactly, to two residues of a position-weighted sum of
-its raw bits modulo two primes (no host copy of the weights; one pass over them): changing any
-single element changes both residues.
+its raw bits modulo two primes (no host copy of the weights; integer multiply-adds, no per-element
+division): changing any single element changes both residues.
 """
 from __future__ import annotations
 
@@ -15,27 +15,45 @@ from typing import Any
 import torch
 
 _PRIMES = (2_147_483_647, 2_147_483_629)  # 2^31 - 1 and the largest prime below it
-_CHUNK = 1 << 22  # elements reduced at once (bounds the temporary int64 buffers)
+_BLOCK = 1 << 15   # elements summed exactly in int64 before a reduction: 2^15 · 2^16 · 2^31 < 2^63
+_SPAN = 1 << 22    # elements converted at once (bounds the temporary int64 buffers)
 
 
 def tensor_digest(t: torch.Tensor) -> tuple[int, int]:
-    """Two residues that change with any element of ``t`` (its raw bits, so dtype-exact)."""
+    """Two residues that change with any element of ``t`` (its raw bits, so dtype-exact).
+
+    With v_i the raw bits as a signed integer and w_i ∈ [1, p) a fixed weight of position i, the residue
+    is Σ v_i·w_i mod p for each of two primes p. Each v_i is split into 16-bit halves so the products of a
+    block of positions sum exactly in int64 (no per-element division); blocks are then reduced mod p. A
+    change δ of one element (|δ| < 2^32) moves a residue by δ·w_i ≢ 0 (mod p) unless p divides δ, and no
+    such δ is divisible by both primes.
+    """
     flat = t.detach().contiguous().reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.to(torch.uint8)
-    if flat.is_floating_point() or flat.is_complex():
-        width = flat.element_size()
-        flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[width])
-    out = []
-    for k, p in enumerate(_PRIMES):
-        total = torch.zeros((), dtype=torch.int64, device=flat.device)
-        for start in range(0, flat.numel(), _CHUNK):
-            bits = flat[start : start + _CHUNK].to(torch.int64).remainder(p)
-            pos = torch.arange(start, start + bits.numel(), device=flat.device, dtype=torch.int64)
-            weights = (pos * (40503 + 7 * k) + 12345 + k).remainder(p - 1) + 1  # in [1, p)
-            total = (total + (bits * weights).remainder(p).sum().remainder(p)).remainder(p)
-        out.append(int(total))
-    return out[0], out[1]
+    if flat.element_size() == 8 or flat.is_complex():
+        flat = flat.view(torch.int32)  # 64-bit words as pairs of 32-bit ones: every v_i then fits 32 bits
+    elif flat.is_floating_point():
+        flat = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32}[flat.element_size()])
+    n, device = flat.numel(), flat.device
+    block = max(1, min(_BLOCK, n))
+    pos = torch.arange(block, device=device, dtype=torch.int64)
+    weights = [(pos * (40503 + 7 * k) + 12345 + k).remainder(p - 1) + 1 for k, p in enumerate(_PRIMES)]
+    totals = [0, 0]
+    for start in range(0, n, _SPAN):
+        part = flat[start : start + _SPAN].to(torch.int64)
+        if part.numel() % block:
+            part = torch.nn.functional.pad(part, (0, block - part.numel() % block))
+        rows = part.view(-1, block)
+        lo, hi = rows & 0xFFFF, rows >> 16  # v = lo + 2^16·hi with lo ∈ [0, 2^16), |hi| ≤ 2^15
+        first = start // block
+        index = torch.arange(first, first + rows.shape[0], device=device, dtype=torch.int64)
+        for k, p in enumerate(_PRIMES):
+            w = weights[k]
+            sums = ((lo * w).sum(1).remainder(p) + (hi * w).sum(1).remainder(p) * 65536).remainder(p)
+            u = (index * (69069 + 11 * k) + 1013 + k).remainder(p - 1) + 1  # block weights in [1, p)
+            totals[k] = (totals[k] + int((sums * u).remainder(p).sum().remainder(p))) % p
+    return totals[0], totals[1]
 
 
 def module_digest(module: torch.nn.Module) -> str:

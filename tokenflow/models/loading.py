@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ import torch
 
 from tokenflow.errors import ConfigError, ModelLoadError
 from tokenflow.models.backbone import DiffusionModel
+from tokenflow.models.tiny import DEFAULT_TINY_VARIANT
 
 log = logging.getLogger(__name__)
 
@@ -22,9 +24,13 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` → ``cuda`` when available else ``cpu``; anything else is passed to ``torch.device``."""
+    """``auto`` → ``cuda`` (``cuda:$LOCAL_RANK`` under torchrun) when available, else ``cpu``; anything else
+    is passed to ``torch.device``."""
     if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = os.environ.get("LOCAL_RANK")
+        return torch.device(f"cuda:{int(local_rank) % torch.cuda.device_count()}" if local_rank else "cuda")
     try:
         dev = torch.device(device)
     except RuntimeError as e:
@@ -60,6 +66,23 @@ def _model_index(path: str, local_files_only: bool, revision: str | None) -> dic
         return {}
 
 
+def _listed(index: dict[str, Any], name: str) -> bool:
+    """Whether model_index.json lists the component ``name`` (``[null, null]`` means absent)."""
+    return index.get(name) not in (None, [None, None])
+
+
+def _is_sdxl(index: dict[str, Any], path: str) -> bool:
+    """An SDXL folder: model_index.json lists text_encoder_2 (or, without an index, the folder has one).
+
+    An SDXL refiner (text_encoder_2 only, aesthetic-score conditioning) is refused in one line.
+    """
+    has_second = _listed(index, "text_encoder_2") if index else (Path(path) / "text_encoder_2").is_dir()
+    if has_second and ((index and not _listed(index, "text_encoder")) or index.get("requires_aesthetics_score")):
+        raise ModelLoadError(f"'{path}' is an SDXL refiner (no first text encoder, aesthetic-score conditioning) — "
+                             "TokenFlow edits with a text-to-image base model, e.g. stabilityai/stable-diffusion-xl-base-1.0")
+    return has_second
+
+
 def as_model(obj: Any) -> DiffusionModel:
     """``obj`` as a :class:`DiffusionModel`: itself, or a diffusers pipeline's components; anything else is refused."""
     if isinstance(obj, DiffusionModel):
@@ -72,13 +95,13 @@ def as_model(obj: Any) -> DiffusionModel:
 
 def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", revision: str | None = None,
                variant: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
-               tiny_seed: int = 0, tiny_variant: str = "sd21-base") -> DiffusionModel:
+               tiny_seed: int = 0, tiny_variant: str = DEFAULT_TINY_VARIANT) -> DiffusionModel:
     """Load SD 1.x/2.x or SDXL components from a hub id, a local folder, or ``tiny`` (built offline, cached).
 
-    ``tiny``: the offline test model, of ``tiny_variant`` (the real config of that checkpoint with tiny
-    widths, see :mod:`tokenflow.models.variants`), built once under ``cache_dir`` (default: the library's
-    user cache dir) and then loaded like any folder. An already loaded diffusers pipeline is accepted too
-    (see :func:`from_pipeline`).
+    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21 or sdxl: the published
+    config of that checkpoint with tiny widths, see :mod:`tokenflow.models.variants`), built once under
+    ``cache_dir`` (default: the library's user cache dir) and then loaded like any folder. An already
+    loaded diffusers pipeline is accepted too (see :func:`from_pipeline`).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -110,7 +133,7 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
             raise ModelLoadError(f"model folder '{source}' does not exist — check the path or use a hub id")
     kw: dict[str, Any] = dict(revision=revision, local_files_only=local_files_only)
     index = _model_index(path, local_files_only, revision)
-    sdxl = index.get("text_encoder_2") not in (None, [None, None])
+    sdxl = _is_sdxl(index, path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **kw)
         vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=torch_dtype, variant=variant, **kw)

@@ -1,11 +1,16 @@
-"""A tiny, offline, deterministic Stable-Diffusion-shaped pipeline for CPU tests and demos.
+"""Tiny, offline, deterministic versions of real Stable Diffusion checkpoints, for CPU tests and demos.
 
-Same block topology as SD 1.5/2.1 (3 CrossAttnDown + 1 Down, cross-attention mid block, 1 Up + 3
-CrossAttnUp, ``layers_per_block=2``, 8x VAE), so every hook site derived from the UNet config exists,
-with tiny widths and random weights. The UNet's output layer is damped so DDIM inversion round-trips.
-The tokenizer is the real CLIP BPE (vocabulary shipped by the ``openai-clip`` package).
-The built pipeline is saved in diffusers' folder layout and loaded through the same code path as a
-real checkpoint.
+A tiny variant (:mod:`tokenflow.models.variants`) is the published configuration of SD 1.5, SD 2.1-base,
+SD 2.1 (768, v-prediction) or SDXL base 1.0 with every width divided by 8 (head widths 64 → 8) and
+everything else as published: block topology, transformer depths, text-encoder depth, linear projection,
+attention upcast, scheduler and prediction type, VAE scaling factor and ``force_upcast``, tokenizer
+padding, SDXL's two text encoders and added conditioning. Weights are random, drawn from the seed.
+Two adjustments make the random model usable: the UNet's output layer is damped so DDIM inversion
+round-trips, and the VAE encoder's mean is rescaled so latents of smooth images have unit variance
+under the published ``scaling_factor`` (as real latents do). The tokenizers are the real CLIP BPE
+(vocabulary shipped by the ``openai-clip`` package). The pipeline is saved in diffusers' folder layout
+(``model_index.json`` listing every component) and loaded through the same ``from_pretrained`` path as
+a real checkpoint.
 """
 from __future__ import annotations
 
@@ -22,25 +27,26 @@ from pathlib import Path
 import torch
 
 from tokenflow.errors import ModelLoadError
+from tokenflow.models.variants import Checkpoint, checkpoint, tiny
 
-TINY_FORMAT_VERSION = 2
+# 3: tiny variants of real checkpoints (sd15, sd21-base, sd21, sdxl) replace the hand-made SD-shaped build
+TINY_FORMAT_VERSION = 3
+DEFAULT_TINY_VARIANT = "sd21-base"  # the official TokenFlow's backbone (SD 2.1-base)
 
 
 @dataclass(frozen=True)
 class TinyModelSpec:
-    """Widths and seed of the tiny pipeline; every field enters its cache key."""
+    """Which checkpoint, how small, and the seed of the tiny pipeline; every field enters its cache key."""
 
     seed: int = 0
-    variant: str = "sd21-base"
-    unet_channels: tuple[int, ...] = (32, 32, 64, 64)
-    vae_channels: tuple[int, ...] = (16, 16, 32, 32)
-    text_width: int = 32
-    text_layers: int = 2
-    attention_head_dim: int = 8
-    norm_groups: int = 8
+    variant: str = DEFAULT_TINY_VARIANT  # sd15 | sd21-base | sd21 | sdxl
+    width_divisor: int = 8
     # Scale of the UNet's ``conv_out`` weights: a random UNet predicts large, rough noise and DDIM
     # inversion then diverges; damping makes it round-trip (see tests/test_inversion.py for the figure).
     output_damping: float = 0.1
+
+    def __post_init__(self) -> None:
+        checkpoint(self.variant)  # one clear error for an unknown variant
 
     def key(self) -> str:
         blob = json.dumps({**asdict(self), "format": TINY_FORMAT_VERSION}, sort_keys=True)
@@ -85,95 +91,100 @@ def write_clip_tokenizer_files(folder: Path) -> None:
 
 
 def build_tiny_pipeline(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> None:
-    """Build the tiny pipeline from ``spec`` and save it in diffusers' layout under ``folder``."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    """Build the tiny variant ``spec.variant`` from ``spec`` and save it in diffusers' layout under ``folder``."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    ckpt = tiny(checkpoint(spec.variant), spec.width_divisor)
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(spec.seed)  # module initialisers draw from the global RNG; restored below
-        unet = UNet2DConditionModel(
-            sample_size=64,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            block_out_channels=spec.unet_channels,
-            layers_per_block=2,
-            cross_attention_dim=spec.text_width,
-            attention_head_dim=spec.attention_head_dim,
-            norm_num_groups=spec.norm_groups,
-        )
+        unet = UNet2DConditionModel(**ckpt.unet)
         with torch.no_grad():
             unet.conv_out.weight.mul_(spec.output_damping)
             unet.conv_out.bias.mul_(spec.output_damping)
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=spec.vae_channels,
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=spec.norm_groups,
-            sample_size=512,
-        )
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=49408,
-                hidden_size=spec.text_width,
-                intermediate_size=2 * spec.text_width,
-                num_hidden_layers=spec.text_layers,
-                num_attention_heads=max(1, spec.text_width // 8),
-                max_position_embeddings=77,
-                projection_dim=spec.text_width,
-                bos_token_id=49406,
-                eos_token_id=49407,
-                pad_token_id=49407,
-            )
-        )
-        vae.register_to_config(scaling_factor=_unit_variance_scale(vae, spec.seed))
+        vae = AutoencoderKL(**ckpt.vae)
+        text_encoders = _text_encoders(ckpt)
+        _calibrate_latents(vae, spec.seed)
     finally:
         torch.random.set_rng_state(generator_state)
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
     unet.save_pretrained(folder / "unet")
     vae.save_pretrained(folder / "vae")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    scheduler.save_pretrained(folder / "scheduler")
-    write_clip_tokenizer_files(folder / "tokenizer")
-    CLIPTokenizer(str(folder / "tokenizer/vocab.json"), str(folder / "tokenizer/merges.txt"), model_max_length=77).save_pretrained(folder / "tokenizer")
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.27.0",
-        "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    (folder / "tiny_spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    for name, encoder in text_encoders.items():
+        encoder.save_pretrained(folder / name)
+    for i, options in enumerate(ckpt.tokenizers):
+        _save_tokenizer(folder / _numbered("tokenizer", i), **options)
+    _save_scheduler(folder / "scheduler", ckpt.scheduler)
+    (folder / "model_index.json").write_text(json.dumps(_model_index(ckpt), indent=2))
+    (folder / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "format": TINY_FORMAT_VERSION}, indent=2))
+
+
+def _numbered(name: str, i: int) -> str:
+    """diffusers' component names: text_encoder, text_encoder_2, ..."""
+    return name if i == 0 else f"{name}_{i + 1}"
+
+
+def _text_encoders(ckpt: Checkpoint) -> dict[str, torch.nn.Module]:
+    """CLIPTextModel for the first encoder, CLIPTextModelWithProjection for SDXL's second (pooled output)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = {}
+    for i, cfg in enumerate(ckpt.text_encoders):
+        cls = CLIPTextModel if i == 0 else CLIPTextModelWithProjection
+        out[_numbered("text_encoder", i)] = cls(CLIPTextConfig(**cfg))
+    return out
+
+
+def _save_tokenizer(folder: Path, model_max_length: int, pad_token: str) -> None:
+    from transformers import CLIPTokenizer
+
+    write_clip_tokenizer_files(folder)
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=model_max_length,
+                  pad_token=pad_token).save_pretrained(folder)
+
+
+def _save_scheduler(folder: Path, config: dict) -> None:
+    """The scheduler config file as published (its class and keys), which ``DDIMScheduler`` loads."""
+    import diffusers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    body = {"_class_name": config["_class_name"], "_diffusers_version": diffusers.__version__,
+            **{k: v for k, v in config.items() if k != "_class_name"}}
+    (folder / "scheduler_config.json").write_text(json.dumps(body, indent=2))
+
+
+def _model_index(ckpt: Checkpoint) -> dict:
+    """model_index.json: the pipeline class, its flags, and every component's library and class."""
+    import diffusers
+
+    index = {"_class_name": ckpt.index["_class_name"], "_diffusers_version": diffusers.__version__,
+             **{k: v for k, v in ckpt.index.items() if k != "_class_name"},
+             "scheduler": ["diffusers", ckpt.scheduler["_class_name"]],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    for i in range(len(ckpt.text_encoders)):
+        index[_numbered("text_encoder", i)] = ["transformers", "CLIPTextModel" if i == 0 else "CLIPTextModelWithProjection"]
+        index[_numbered("tokenizer", i)] = ["transformers", "CLIPTokenizer"]
+    if not ckpt.is_sdxl:  # SD pipelines list these optional components (none in a tiny build)
+        index.update(safety_checker=[None, None], feature_extractor=[None, None])
+    return dict(sorted(index.items(), key=lambda kv: (not kv[0].startswith("_"), kv[0])))
 
 
 @torch.no_grad()
-def _unit_variance_scale(vae: torch.nn.Module, seed: int) -> float:
-    """Latent scaling factor giving unit-variance latents on smooth synthetic images, as SD's 0.18215 does."""
+def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
+    """Rescale the encoder's mean so ``scaling_factor`` × latents of smooth images have unit variance.
+
+    Real VAEs give latents whose std times the published scaling factor is about 1; a random VAE does
+    not. The mean rows of ``quant_conv`` are scaled by s and ``post_quant_conv`` by 1/s, so decoding
+    the new latents gives what the random decoder gave before.
+    """
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     images = torch.nn.functional.interpolate(coarse, size=(128, 128), mode="bicubic", align_corners=False).clamp(-1, 1)
     std = vae.encode(images).latent_dist.mean.std().item()
-    return round(1.0 / std, 5)
+    s = 1.0 / (std * float(vae.config.scaling_factor))
+    c = int(vae.config.latent_channels)
+    vae.quant_conv.weight[:c].mul_(s)
+    vae.quant_conv.bias[:c].mul_(s)
+    vae.post_quant_conv.weight.div_(s)
 
 
 def tiny_model_folder(cache_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
