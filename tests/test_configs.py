@@ -1,6 +1,7 @@
 """Every config composes and instantiates: a broken YAML fails here, not in a sweep."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,8 @@ def _compose(name="edit", overrides=()):
         return compose(config_name=name, overrides=["video=x.mp4", *overrides])
 
 
-@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts if g != "experiment"])
+@pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts
+                                           if g not in ("experiment", "dataset")])
 def test_every_group_option_instantiates(group, option):
     if group == "search" and option == "faiss":
         pytest.importorskip("faiss")
@@ -100,3 +102,140 @@ def test_modes_are_checked_by_omegaconf_and_in_python():
 
     with pytest.raises(ConfigError, match="propagator.source_features='dirty' is unknown — use one of 'clean', 'propagated'"):
         TokenFlowPropagator(source_features="dirty")
+
+
+# --- sweeps: every job of every ablation and dataset composes and builds -------------------------
+
+
+def _sweep_jobs(name, overrides):
+    """The jobs (override lists) Hydra's basic sweeper makes of ``overrides`` plus the composed
+    hydra.sweeper.params (resolved as when the sweeper is instantiated)."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from tokenflow.cli.config import register_sweep_resolvers
+
+    register_sweep_resolvers()
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
+        cfg = compose(config_name=name, overrides=list(overrides), return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
+    lines = [f"{k}={v}" for k, v in params.items()] + list(overrides)
+    batches = BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(lines), None)
+    return [job for batch in batches for job in batch]
+
+
+ABLATIONS = [e for e in GROUPS["experiment"] if e.startswith("ablation_")]
+KNOBS = {"ablation_stride": "keyframe_stride", "ablation_baseline": "propagator", "ablation_blend": "propagator.blend",
+         "ablation_stages": "propagator.stages", "ablation_search": "search", "ablation_pnp": "editor.pnp_f_t",
+         "ablation_inversion": "inverter.n_steps", "ablation_editor": "editor",
+         "ablation_propagation": "propagator.blend"}
+
+
+def test_every_knob_has_an_ablation():
+    assert set(KNOBS) == set(ABLATIONS), "an ablation file without a test entry, or one missing"
+
+
+@pytest.mark.parametrize("experiment", ABLATIONS)
+def test_every_ablation_job_composes_and_builds(experiment):
+    """Each ablation is a real sweep (>= 2 jobs differing in its knob) whose every job composes with any video and
+    prompt, resolves, and builds every part; a bad value (unknown stage, editor, blend) fails here."""
+    base = [f"experiment={experiment}", "video=clip.mp4", "prompt=a fox", "n_steps=10"]
+    jobs = _sweep_jobs("edit", base)
+    assert len(jobs) >= 2
+    knob = KNOBS[experiment]
+    values = set()
+    for job in jobs:
+        cfg = _compose("edit", [*base, *job])
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        assert resolved["video"] == "clip.mp4" and resolved["prompt"] == "a fox"  # composes with any input
+        for group in ("inverter", "editor", "propagator", "keyframes", "search"):
+            if group == "search" and cfg.search._target_.endswith("Faiss" + "NeighbourSearch"):
+                pytest.importorskip("faiss")
+            build(cfg[group])
+        value = OmegaConf.select(cfg, f"{knob}._target_" if knob in ("propagator", "editor", "search") else knob)
+        values.add(json.dumps(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value))
+    assert len(values) >= 2, f"the jobs of {experiment} do not differ in {knob}: {values}"
+
+
+def test_inversion_ablation_follows_the_runs_steps():
+    jobs = _sweep_jobs("edit", ["experiment=ablation_inversion", "video=x.mp4", "n_steps=3"])
+    assert sorted(int(j[0].split("=")[1]) for j in jobs) == [3, 6, 15, 30]
+    for job in jobs:  # every value is a multiple of the editing grid, so each inverter keeps its latents
+        cfg = _compose("edit", ["experiment=ablation_inversion", "n_steps=3", *job])
+        assert cfg.inverter.keep_steps == 3 and cfg.inverter.n_steps % 3 == 0
+
+
+def test_stages_ablation_propagates_only_the_named_stages(tiny):
+    """Each job of the stages ablation propagates exactly the tiny UNet's self-attention layers of its stages."""
+    from tokenflow.core.propagation import PropagationInputs
+    from tokenflow.models.layout import UNetLayout
+
+    layout = UNetLayout.from_unet(tiny.unet)
+    prefix = {"down": "down_blocks.", "mid": "mid_block.", "up": "up_blocks."}
+    seen = []
+    for job in _sweep_jobs("edit", ["experiment=ablation_stages", "video=x.mp4"]):
+        prop = build(_compose("edit", ["experiment=ablation_stages", *job]).propagator)
+        prop.prepare(PropagationInputs(model=None, inversion=None, timesteps=[], keyframes=[], latent_hw=(8, 8),
+                                       layout=layout))
+        stages = None if prop.config.stages is None else sorted(s.value for s in prop.config.stages)
+        expected = {n for n in layout.self_attention if stages is None or any(n.startswith(prefix[s]) for s in stages)}
+        assert expected and {n for n in layout.self_attention if prop.propagates(n)} == expected
+        seen.append(stages)
+    assert seen == [None, ["up"], ["mid", "up"], ["down"]]
+
+
+# --- dataset manifests --------------------------------------------------------------------------
+
+
+def test_dataset_manifest_expands_to_item_x_prompt_runs():
+    jobs = _sweep_jobs("edit", ["dataset=davis_sample"])
+    assert [j[0] for j in jobs] == ["item=wolf/0", "item=wolf/1", "item=wolf-8/0"]
+    from tokenflow.cli.dataset import apply_item
+
+    cfg = _compose("edit", ["dataset=davis_sample", "item=wolf/1", "height=128"])
+    applied = apply_item(cfg, {"height", "item", "dataset"})
+    assert applied == {"video": "sample", "prompt": "a red fox", "inversion_prompt": "a wolf", "width": 64,
+                       "n_frames": 4}  # height was given on the command line: it wins
+    assert (cfg.prompt, cfg.height, cfg.width, cfg.n_frames) == ("a red fox", 128, 64, 4)
+    assert cfg.inverter.n_steps == cfg.n_steps  # interpolations still follow the run keys
+
+
+@pytest.mark.parametrize("manifest, message", [
+    ({"items": []}, "no `items:` list"),
+    ({"items": [{"video": "a.mp4"}]}, r"items\[0\]"),
+    ({"items": [{"video": "a.mp4", "prompts": []}]}, "at least one non-empty prompt"),
+    ({"items": [{"video": "a.mp4", "prompts": ["x"], "size": [100, 64]}]}, "multiples of 64"),
+    ({"items": [{"video": "a.mp4", "prompts": ["x"]}, {"video": "b/a.mp4", "prompts": ["y"]}]},
+     "a second item named 'a'"),
+    ({"items": [{"video": "a.mp4", "prompts": ["x"], "colour": 1}]}, "colour"),
+    ({"items": [{"video": "a.mp4", "prompts": ["x"]}], "videos": []}, "unknown key 'videos'"),
+])
+def test_bad_manifests_fail_with_one_line_naming_the_entry(manifest, message):
+    from tokenflow.cli.dataset import load_dataset
+
+    with pytest.raises(ConfigError, match=message) as info:
+        load_dataset(manifest)
+    assert "\n" not in str(info.value)
+
+
+def test_dataset_runs_and_root():
+    from tokenflow.cli.dataset import load_dataset
+
+    ds = load_dataset({"root": "/data", "items": [{"video": "clips/a.mp4", "prompts": ["x", "y"], "size": 128},
+                                                  {"name": "s", "video": "sample", "prompts": ["z"]}]})
+    assert ds.runs() == ["a/0", "a/1", "s/0"]
+    item, k = ds.run("a/1")
+    assert item.settings(k, ds.root) == {"video": "/data/clips/a.mp4", "prompt": "y", "height": 128, "width": 128}
+    assert ds.run("s/0")[0].settings(0, ds.root) == {"video": "sample", "prompt": "z"}
+    with pytest.raises(ConfigError, match="item=a/2 is not a run of the dataset"):
+        ds.run("a/2")
+
+
+def test_dataset_and_item_need_each_other():
+    from tokenflow.cli.dataset import apply_item
+
+    with pytest.raises(ConfigError, match="add -m"):  # a single run of a whole dataset
+        apply_item(_compose("edit", ["dataset=davis_sample"]), set())
+    with pytest.raises(ConfigError, match="no dataset is selected"):
+        apply_item(_compose("edit", ["item=wolf/0"]), set())
+    assert apply_item(_compose("edit"), set()) == {}  # no dataset: nothing changes

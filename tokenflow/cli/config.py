@@ -7,6 +7,12 @@ type fails at start-up with the key's name.
 """
 from __future__ import annotations
 
+import enum
+import json
+import logging
+import types
+import typing
+from collections import OrderedDict
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Optional
 
@@ -18,6 +24,8 @@ from omegaconf.errors import OmegaConfBaseException
 from tokenflow.errors import ConfigError, TokenFlowError
 
 
+log = logging.getLogger("tokenflow")
+MULTIPLES_RESOLVER = "tokenflow.multiples"
 DEFAULT_NEGATIVE_PROMPT = "ugly, blurry, low res, unrealistic, unaesthetic"
 
 
@@ -62,6 +70,9 @@ class RunConfig:
     metrics: Any = None                 # the scores of the output (conf/metrics: default, full, tiny, none)
     attention: Any = None               # what keyframes attend to (conf/attention: full, anchors)
     experiment: Any = None
+    dataset: Any = None                 # a manifest of videos and prompts (conf/dataset/, or dataset=file.yaml)
+    item: Optional[str] = None          # the dataset run of this job, <item name>/<prompt index> (set by the sweep)
+    model_memo: int = 1                 # loaded models kept for the next job of the same process (0: reload each job)
 
 
 def validate_run(cfg: Any) -> None:
@@ -73,6 +84,9 @@ def validate_run(cfg: Any) -> None:
 
     for name in ("n_frames", "frame_stride", "n_steps", "keyframe_stride", "chunk_size"):
         positive(name)
+    memo = getattr(cfg, "model_memo", 1)
+    if memo is not None and memo < 0:
+        raise ConfigError(f"model_memo={memo} must be >= 0 — use 0 to reload the model in every job")
     for name in ("height", "width"):
         value = getattr(cfg, name)
         if value is not None and (value < 64 or value % 64):
@@ -92,7 +106,9 @@ def build(node: DictConfig | dict, **extra: Any) -> Any:
     schema = getattr(_target(target), "Config", None)
     if schema is not None and is_dataclass(schema):
         known = {f.name for f in fields(schema)}
-        plain = {k: v for k, v in node.items() if k != "_target_" and k in known}
+        # lists of enum members (propagator.stages=[up]) are checked by the class itself (options.choice): OmegaConf
+        # 2.3 does not convert strings inside a list typed with an Enum
+        plain = {k: v for k, v in node.items() if k != "_target_" and k in known and k not in _enum_lists(schema)}
         unknown = [k for k in node if k != "_target_" and k not in known and k not in extra and not _is_node(node[k])]
         if unknown:
             raise ConfigError(f"{target} has no setting {unknown[0]!r} — valid settings: {sorted(known)}")
@@ -114,6 +130,23 @@ def build(node: DictConfig | dict, **extra: Any) -> Any:
             raise ConfigError(f"{target}: {signature} — check its settings (given: "
                               f"{sorted(k for k in node if k != '_target_')})") from e
         raise
+
+
+def _enum_lists(schema: type) -> set[str]:
+    """Fields of the dataclass ``schema`` typed ``list[SomeEnum]`` (or ``Optional`` of it)."""
+    try:
+        hints = typing.get_type_hints(schema)
+    except Exception:
+        return set()
+    out = set()
+    for name, hint in hints.items():
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        for a in [a for a in typing.get_args(hint) if a is not type(None)] if union else [hint]:
+            inner = typing.get_args(a)
+            if typing.get_origin(a) in (list, tuple) and inner and isinstance(inner[0], type) \
+                    and issubclass(inner[0], enum.Enum):
+                out.add(name)
+    return out
 
 
 def _signature_error(error: BaseException) -> str | None:
@@ -138,3 +171,104 @@ def _target(path: str) -> Any:
 
 def _is_node(value: Any) -> bool:
     return isinstance(value, DictConfig) and "_target_" in value
+
+
+# --- sweeps -------------------------------------------------------------------------------------
+
+
+def multiples(base: Any, *factors: Any) -> str:
+    """``${tokenflow.multiples:${n_steps},1,2,5}`` → ``"50,100,250"``: a sweep value of multiples of a setting
+    (resolved once, when the sweep is expanded: for sweeps whose valid values depend on another key)."""
+    if not factors:
+        raise ConfigError(f"{MULTIPLES_RESOLVER}:{base} has no factors — list them, e.g. "
+                          f"${{{MULTIPLES_RESOLVER}:${{n_steps}},1,2,5}}")
+    return ",".join(str(int(base) * int(f)) for f in factors)
+
+
+def register_sweep_resolvers() -> None:
+    """Register ``${tokenflow.multiples:...}`` and ``${tokenflow.dataset_items:...}`` (idempotent)."""
+    from tokenflow.cli.dataset import register_resolver
+
+    if not OmegaConf.has_resolver(MULTIPLES_RESOLVER):
+        OmegaConf.register_new_resolver(MULTIPLES_RESOLVER, multiples)
+    register_resolver()
+
+
+class ModelMemo:
+    """Loaded models kept between the jobs of one process (a sweep's jobs reuse the model; bounded, LRU).
+
+    Keyed by the resolved model node (source, device, dtype, cache folder, ...). A kept model is handed
+    out again only if it is still what was loaded: the same parameter and buffer storages at the same
+    version counters (no in-place torch op on a weight, no replaced weight; writes through ``.data``
+    bypass version counters and are not seen), the same fingerprint, attention processors and module
+    hooks; otherwise it is dropped and loaded afresh, so ``model.fingerprint`` stays the fingerprint of
+    its weights. One console-script invocation owns one memo; in a launcher's worker process (joblib,
+    submitit) an unpickled memo is that process's :data:`WORKER_MODELS`, so a worker's jobs share too.
+    """
+
+    def __init__(self, capacity: int = 1) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[str, tuple[Any, tuple]] = OrderedDict()
+        self.loads = 0
+        self.reuses = 0
+
+    def get(self, node: DictConfig | dict, capacity: int | None = None) -> tuple[Any, bool]:
+        """The model of ``node`` (built with :func:`build`, or the kept one) and whether it was reused.
+
+        ``capacity`` (models kept afterwards; 0: none) defaults to the memo's own."""
+        capacity = self.capacity if capacity is None else capacity
+        resolved = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        key = json.dumps(resolved, sort_keys=True, default=str)
+        entry = self._entries.pop(key, None)
+        if entry is not None and _model_state(entry[0]) != entry[1]:
+            log.warning("the kept model %s was changed by a job (weights, hooks or processors); loading it again",
+                        entry[0].identity)
+            entry = None
+        reused = entry is not None
+        if not reused:  # make room first: the evicted model's memory is free before the new one loads
+            while self._entries and len(self._entries) >= max(capacity, 1):
+                self._entries.popitem(last=False)
+        model = entry[0] if reused else build(node)
+        self.reuses += reused
+        self.loads += not reused
+        if capacity > 0:
+            self._entries[key] = (model, _model_state(model))
+        while len(self._entries) > capacity:
+            self._entries.popitem(last=False)
+        return model, reused
+
+    def clear(self) -> None:
+        """Forget every kept model (their memory is freed once no job holds them)."""
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __reduce__(self) -> tuple:
+        return (worker_models, (self.capacity,))  # models never travel between processes
+
+
+def _model_state(model: Any) -> tuple:
+    """What must be unchanged for a kept model to be handed out again (cheap: no weight is read)."""
+    tensors, hooks = [], 0
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        part = getattr(model, name, None)
+        if part is None:
+            continue
+        for key, t in list(part.named_parameters()) + list(part.named_buffers()):
+            tensors.append((name, key, t.data_ptr(), t._version, t.dtype, str(t.device), t.requires_grad))
+        for m in part.modules():
+            hooks += len(m._forward_hooks) + len(m._forward_pre_hooks)
+    processors = tuple(sorted((k, type(v).__qualname__) for k, v in model.unet.attn_processors.items()))
+    return (model.fingerprint, str(model.device), str(model.dtype), hooks, processors, tuple(tensors))
+
+
+#: The models kept by this process's jobs when it is a launcher's worker (joblib/loky, submitit): an
+#: unpickled :class:`ModelMemo` is this one. Bounded by the capacity each job asks for; ``clear()`` empties it.
+WORKER_MODELS = ModelMemo()
+
+
+def worker_models(capacity: int = 1) -> ModelMemo:
+    """This process's :data:`WORKER_MODELS` (the target of an unpickled memo)."""
+    WORKER_MODELS.capacity = capacity
+    return WORKER_MODELS

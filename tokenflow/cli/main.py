@@ -7,6 +7,12 @@ identity, seed), ``metrics.json`` (:mod:`tokenflow.cli.report`) and, on success 
 Hydra or from tokenflow, is one line on stderr and exit status 2 (``verbose=true``: the traceback);
 in a sweep a failing job records its error and the sweep goes on, then the process exits 2 with one
 line per failed job.
+
+Sweeps: the jobs one process runs (all of them with the basic launcher, a worker's share with
+joblib) reuse the loaded model (:class:`~tokenflow.cli.config.ModelMemo`, ``model_reused`` in
+metrics.json) and, through the inversion cache, one inversion per video; ``dataset=`` runs every
+item x prompt of a manifest (:mod:`tokenflow.cli.dataset`). The task function and its session pickle,
+so the joblib and submitit launchers run the same jobs in other processes.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,6 +31,8 @@ from omegaconf import DictConfig
 
 import tokenflow.cli.config  # noqa: F401  registers the run schema
 from tokenflow.cli import preflight
+from tokenflow.cli.config import ModelMemo, register_sweep_resolvers
+from tokenflow.cli.dataset import apply_item, register_manifest_files
 from tokenflow.cli.messages import user_error
 from tokenflow.cli.plugins import make_cwd_importable, register_class_options
 from tokenflow.cli.report import RunReport, SweepFailed, parse_overrides, save_config
@@ -32,13 +40,22 @@ from tokenflow.cli.rundir import register_resolvers
 from tokenflow.evaluation.provenance import run_manifest, write_manifest
 
 log = logging.getLogger("tokenflow")
-RunFunction = Callable[[DictConfig, Path, RunReport], None]
+RunFunction = Callable[[DictConfig, Path, RunReport, ModelMemo], None]
+MODEL_REUSED = "1 when this job used the model an earlier job of the same process loaded (model_memo), 0 when loaded"
+MODEL_LOAD_S = "wall seconds to obtain the model (load and fingerprint, or the kept one on reuse)"
+
+# the resolvers edit.yaml and the sweep files use; registered on import too, so that a launcher's worker
+# process (joblib/loky, submitit), which imports this module to unpickle the task function, has them
+register_resolvers()
+register_sweep_resolvers()
 
 
-def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[[], dict[str, Any]]):
+def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[[], dict[str, Any]],
+             models: ModelMemo | None = None):
     """Settings, the clip's header, the run's parts, the model and the memory check; then read the video.
 
-    ``parts()`` builds the run's inverter (and editor, propagator, keyframes). Returns (model, video, parts).
+    ``parts()`` builds the run's inverter (and editor, propagator, keyframes); ``models`` keeps loaded models
+    for the next job (None: load). Returns (model, video, parts).
     """
     from tokenflow.cli.config import build
     from tokenflow.storage.video import read_video
@@ -50,7 +67,10 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
     built = parts()
     if not cfg.progress:
         preflight.quiet_progress_bars()
-    model = build(cfg.model)
+    t0 = time.perf_counter()
+    model, reused = (models if models is not None else ModelMemo(0)).get(cfg.model, cfg.get("model_memo", 1))
+    report.metric("model_reused", float(reused), MODEL_REUSED)
+    report.metric("model_load_s", time.perf_counter() - t0, MODEL_LOAD_S)
     n = preflight.frames_to_check(plan, cfg)
     shape = preflight.run_shape(cfg, model, plan, n, **built)
     estimate, peaks = preflight.check_run_memory(model, shape, preflight.size_phrase(cfg, plan, n))
@@ -77,7 +97,7 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
     return model, video, built
 
 
-def run_invert(cfg: DictConfig, out: Path, report: RunReport) -> None:
+def run_invert(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | None = None) -> None:
     """Invert and reconstruct; report PSNR of the reconstruction."""
     from tokenflow.cli.config import build
     from tokenflow.core.inversion import reconstruct
@@ -86,7 +106,7 @@ def run_invert(cfg: DictConfig, out: Path, report: RunReport) -> None:
     from tokenflow.storage.video import frames_from_tensor, write_frames, write_video
 
     t0 = time.perf_counter()
-    model, video, parts = _prepare(cfg, report, out, lambda: {"inverter": build(cfg.inverter)})
+    model, video, parts = _prepare(cfg, report, out, lambda: {"inverter": build(cfg.inverter)}, models)
     t1 = time.perf_counter()
     inversion, hit = invert_video(model, video, parts["inverter"], cfg.inversion_prompt, preflight.open_cache(cfg),
                                   cfg.progress)
@@ -112,7 +132,7 @@ def run_invert(cfg: DictConfig, out: Path, report: RunReport) -> None:
           f"vs input, {m['psnr_reconstruction_vs_vae_only']:.2f} dB vs VAE-only → {out}")
 
 
-def run_edit(cfg: DictConfig, out: Path, report: RunReport) -> None:
+def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | None = None) -> None:
     """The TokenFlow edit; writes edited.mp4, frames/, input.mp4 (on success) and metrics.json."""
     from omegaconf import OmegaConf
 
@@ -127,7 +147,7 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport) -> None:
 
     t0 = time.perf_counter()
     suite = build_suite(OmegaConf.to_container(cfg.metrics, resolve=True))  # a bad metric setting fails before any work
-    model, video, p = _prepare(cfg, report, out, parts)
+    model, video, p = _prepare(cfg, report, out, parts, models)
     pipe = TokenFlowPipeline(model, p["editor"], p["propagator"], p["keyframes"], p["inverter"], n_steps=cfg.n_steps,
                              chunk_size=cfg.chunk_size, cache=preflight.open_cache(cfg), attention=p["attention"])
     result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt, progress=cfg.progress)
@@ -152,13 +172,15 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport) -> None:
 
 @dataclass
 class _Session:
-    """One console-script invocation: its arguments and whether tracebacks were asked for."""
+    """One console-script invocation: its arguments, whether tracebacks were asked for, the models its jobs
+    keep for each other."""
 
     task: str
     run: RunFunction
     args: list[str]
     verbose: bool = False
     failure: BaseException | None = None  # a single run's error, raised after Hydra returns
+    models: ModelMemo = field(default_factory=ModelMemo)
 
     def job(self, cfg: DictConfig) -> None:
         """A Hydra job: run, and always leave config.yaml and metrics.json (status ok or failed)."""
@@ -169,10 +191,16 @@ class _Session:
         logging.getLogger("tokenflow").setLevel(logging.INFO)
         report = RunReport(out, self.task, parse_overrides(list(hc.overrides.task)))
         report.command = [f"tokenflow-{self.task}", *self.args]
+        report.info["pid"] = os.getpid()
         try:
+            given = {k.lstrip("+~").split("@")[0] for k in report.overrides}
+            applied = apply_item(cfg, given)  # a dataset run: its video, prompt, size (the command line wins)
+            if applied:
+                report.overrides = {**report.overrides, **{k: applied[k] for k in ("video", "prompt") if k in applied}}
+                report.info["dataset_item"] = str(cfg.item)
             save_config(cfg, out)
             write_manifest(out, run_manifest(cfg, command=report.command, started_at=report.started))
-            self.run(cfg, out, report)
+            self.run(cfg, out, report, self.models)
         except Exception as e:
             line = user_error(e, self.args)
             error = line or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (a bug: the traceback is " \
@@ -203,6 +231,10 @@ def _main(task: str, run: RunFunction) -> Any:
         return session.job(cfg)
 
     try:
+        args = register_manifest_files(session.args)
+        if args != session.args:  # an absolute manifest path, made relative for Hydra
+            session.args = args
+            sys.argv = [sys.argv[0], *args]
         register_class_options(session.args)
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach us as exceptions, not as its own printout
         hydra.main(version_base="1.3", config_path="pkg://tokenflow.conf", config_name=task)(task_function)()

@@ -5,7 +5,8 @@ status, error, task, overrides, metrics, definitions, info), ``config.yaml``, ``
 and, on success, ``edited.mp4`` / ``frames/`` and ``input.mp4``. :func:`load_sweep` reads it into a
 :class:`Sweep` (swept parameters = override keys whose values differ across jobs); :func:`write_table`,
 :func:`plot_metric` / :func:`write_plots` and :func:`contact_sheet` / :func:`write_contact_sheets` turn it
-into CSV + Markdown, PNG plots and side-by-side PNG/mp4 sheets grouped by input video. Failed jobs are
+into CSV + Markdown, PNG plots and side-by-side PNG/mp4 sheets grouped by input (a dataset run's item, else the
+video; with several inputs the Markdown adds a table of means per input). Failed jobs are
 listed with their one-line error and never stop a summary. :func:`main` is ``tokenflow-summarize``.
 Figures are :class:`matplotlib.figure.Figure` objects (no pyplot state).
 """
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 GROUP_KEY = "video"   # the run key that names the input clip; a dataset sweep groups its contact sheets by it
+ITEM_KEY = "item"     # a dataset run, <item name>/<prompt index>: its item (one clip at one size) is its group
 _INFO_KEYS = ("n_frames", "height", "width", "fps", "model", "keyframes")  # legacy flat metrics.json: not metrics
 
 
@@ -187,7 +189,11 @@ class Job:
         return p if p.is_file() else None
 
     def group(self) -> str:
-        """The input clip this job edited: config/override ``video``, else a hash of input.mp4."""
+        """The input clip this job edited: a dataset run's item name (the video's stem unless the manifest
+        names it), else config/override ``video``, else a hash of input.mp4."""
+        for source in (self.config, self.overrides):
+            if source.get(ITEM_KEY) not in (None, ""):
+                return str(source[ITEM_KEY]).rpartition("/")[0] or str(source[ITEM_KEY])
         for source in (self.config, self.overrides):
             if source.get(GROUP_KEY) not in (None, ""):
                 return str(source[GROUP_KEY])
@@ -283,10 +289,24 @@ def markdown(sweep: Sweep) -> str:
         lines += ["", "## Failed jobs", ""]
         lines += [f"- job {j.name} ({', '.join(f'{k}={_short(sweep.value(j, k))}' for k in sweep.swept)}): "
                   f"{j.status}: {j.error or 'no error recorded'}" for j in failed]
+    groups = sweep.groups()
+    if len(groups) > 1:  # a dataset (or several videos): each input's mean of every metric over its finished jobs
+        cols = ["input", "jobs", "failed", *sweep.metrics]
+        lines += ["", "## By input (mean over finished jobs)", "", "| " + " | ".join(_md(c) for c in cols) + " |",
+                  "|" + "---|" * len(cols)]
+        for group, jobs in groups.items():
+            means = [_mean([j.metrics.get(m) for j in jobs if j.ok]) for m in sweep.metrics]
+            row = [group, len(jobs), sum(not j.ok for j in jobs), *means]
+            lines.append("| " + " | ".join(_md(v) for v in row) + " |")
     definitions = sweep.definitions()
     if definitions:
         lines += ["", "## Metric definitions", ""] + [f"- `{k}`: {_md(v)}" for k, v in definitions.items()]
     return "\n".join(lines) + "\n"
+
+
+def _mean(values: Sequence[Any]) -> float | None:
+    finite = [float(v) for v in values if _number(v) and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else None
 
 
 def write_table(sweep: Sweep, out_dir: str | Path) -> tuple[Path, Path]:
@@ -438,13 +458,14 @@ def side_by_side(videos: Mapping[str, np.ndarray], frames: Sequence[int] | None 
 def _group_videos(sweep: Sweep, jobs: Sequence[Job]) -> dict[str, np.ndarray]:
     """{"input": the group's input clip, <job label>: its output} for the jobs that have outputs."""
     videos: dict[str, np.ndarray] = {}
+    fixed = [k for k in sweep.swept if len({_key(sweep.value(j, k)) for j in jobs}) == 1]  # same in the whole group
     for job in jobs:
         source, output = job.input(), job.output()
         if not job.ok or output is None:
             continue
         if "input" not in videos and source is not None:
             videos["input"] = read_native(source).frames
-        videos[sweep.label(job)] = read_native(output).frames
+        videos[sweep.label(job, skip=(GROUP_KEY, *fixed))] = read_native(output).frames
     return videos
 
 
