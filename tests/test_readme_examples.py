@@ -30,7 +30,7 @@ def run_example(name: str, tmp_path, monkeypatch, cache_dir) -> dict:
 
 
 def test_the_readme_has_its_examples():
-    assert set(readme_examples()) == {"editor", "propagator", "controlnet"}
+    assert set(readme_examples()) == {"editor", "propagator", "controlnet", "torchrun"}
 
 
 def _check_result(ns: dict, n_frames: int = 8) -> None:
@@ -90,3 +90,30 @@ def test_controlnet_example_changes_only_what_the_controlnet_adds(tmp_path, monk
     assert torch.allclose(off.latents, plain.latents, atol=1e-5)
     gap = float((ns["result"].latents - plain.latents).norm() / plain.latents.norm())
     assert gap > 1e-3, gap
+
+
+def test_torchrun_example_equals_one_process(tmp_path, cache_dir):
+    """The README's script under ``torchrun --nproc-per-node 2`` (gloo) writes the video one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenflow.storage.video import read_video
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "torchrun").exists():
+        pytest.skip("torchrun is not installed beside this Python")
+    script = tmp_path / "edit_video.py"
+    script.write_text(readme_examples()["torchrun"])
+    env = {**os.environ, "TOKENFLOW_CACHE": str(cache_dir), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    outputs = {}
+    for name, command in {"single": [sys.executable, str(script)],
+                          "two": [str(bin_dir / "torchrun"), "--standalone", "--nproc-per-node", "2",
+                                  str(script)]}.items():
+        work = tmp_path / name
+        work.mkdir()
+        done = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        outputs[name] = read_video(work / "edited.mp4", height=64, width=64).frames
+    assert outputs["single"].shape == (8, 64, 64, 3)
+    assert (outputs["single"] == outputs["two"]).all()
