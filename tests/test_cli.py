@@ -74,7 +74,8 @@ def test_invert_then_edit_end_to_end(tmp_path, cache_dir):
     assert read_video(out / "edited.mp4", short_side=128).frames.shape == (8, 128, 128, 3)
     assert (edited.n_frames, edited.height, edited.width, edited.fps) == (8, 128, 128, 20.0)
     assert "edited 8 frames at 128x128" in edit.stdout
-    assert elapsed < 60, elapsed  # the edit command (8 frames, 128x128, 20 steps); ~15 s on 2 idle cores
+    assert metrics["unet_evaluations"] == 20 * 3 * 8  # 3 branches x N frames per step: nothing recomputed
+    print(f"tokenflow-edit, 8 frames at 128x128, 20 steps: {elapsed:.1f} s")  # ~15 s on 2 idle cores (not asserted)
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -301,19 +301,16 @@ KILLER = textwrap.dedent("""
     point = sys.argv.pop(1)
     def die(*a, **k):
         os.kill(os.getpid(), signal.SIGKILL)
-    if point == "cache-write":  # half of the inversion cache file written
+    if point == "cache-write":  # the inversion cache entry written but for its header (the trajectory streams in)
         import tokenflow.storage.cache as c
-        def half(tensors, path, metadata=None):
-            open(path, "wb").write(b"x" * 1000)
-            die()
-        c.save_file = half
-    elif point == "video-encode":  # edited.mp4's encoder mid-stream
+        c.EntryWriter.publish = lambda self, *a, **k: die()
+    elif point == "video-encode":  # edited.mp4's encoder mid-stream (frames are streamed to it as decoded)
         import tokenflow.storage.video as v
-        real = v._encode_h264
-        def partial(path, frames, fps):
-            real(path, frames[:1], fps)
+        real = v.VideoWriter.write
+        def partial(self, frames):
+            real(self, frames[:1])
             die()
-        v._encode_h264 = partial
+        v.VideoWriter.write = partial
     elif point == "frames":  # frames/ half written
         import PIL.Image
         real_save = PIL.Image.Image.save

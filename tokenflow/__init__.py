@@ -17,16 +17,18 @@ from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
 from tokenflow.models import (DiffusionModel, InversionResult, NullTextEmbeddings, TextEmbedding, UNetLayout,
                               from_pipeline, load_model)
+from tokenflow.models.trajectory import FileTrajectory, TensorTrajectory, Trajectory
 from tokenflow.storage.cache import InversionCache
-from tokenflow.storage.video import Video, read_video, write_frames, write_video
+from tokenflow.storage.video import FrameWriter, Video, VideoWriter, read_video, write_frames, write_video
 
 __version__ = "0.1.0"
 __all__ = [
     "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
-    "FixedKeyframes", "FlowPropagator", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
+    "FileTrajectory", "FixedKeyframes", "FlowPropagator", "FrameWriter", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
     "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
     "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Ranks", "Step", "TextEmbedding", "TokenFlowError",
-    "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "UNetLayout", "UnconditionalEmbedding", "Video",
+    "TensorTrajectory", "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "Trajectory", "UNetLayout",
+    "UnconditionalEmbedding", "Video", "VideoWriter",
     "VideoError", "cfg", "from_pipeline", "invert_video", "load_model", "read_video", "reconstruct", "sample",
     "sample_with_null_text", "write_frames", "write_video",
 ]

@@ -139,7 +139,7 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
     from tokenflow.cli.config import build, negative_prompt
     from tokenflow.core.pipeline import TokenFlowPipeline
     from tokenflow.evaluation.scores import build_suite
-    from tokenflow.storage.video import write_frames, write_video
+    from tokenflow.storage.video import FrameWriter, VideoWriter, write_video
 
     def parts() -> dict[str, Any]:
         return {"inverter": build(cfg.inverter), "editor": build(cfg.editor), "propagator": build(cfg.propagator),
@@ -150,21 +150,23 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
     model, video, p = _prepare(cfg, report, out, parts, models)
     pipe = TokenFlowPipeline(model, p["editor"], p["propagator"], p["keyframes"], p["inverter"], n_steps=cfg.n_steps,
                              chunk_size=cfg.chunk_size, cache=preflight.open_cache(cfg), attention=p["attention"])
-    result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt, progress=cfg.progress)
-    write_video(report.output("edited.mp4"), result.frames, video.fps)
-    write_frames(report.output("frames"), result.frames)
+    keep = bool(suite.metrics)  # the metrics read the whole edited clip; without them frames stream to disk only
+    with VideoWriter(report.output("edited.mp4"), video.fps) as mp4, FrameWriter(report.output("frames")) as pngs:
+        result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt,
+                      progress=cfg.progress, output=[mp4, pngs], keep_frames=keep)
     write_video(report.output("input.mp4"), video.frames, video.fps)
     for name, value in result.timings.items():
         report.metric(name, value)
     report.metric("unet_evaluations", result.unet_evaluations)
     report.info["keyframes"] = result.keyframes
-    t1 = time.perf_counter()
-    scores = suite.evaluate(result.frames, video.frames, cfg.prompt)
-    for name, value in scores.values.items():
-        report.metric(name, value, scores.definitions[name])
-    if scores.meaningless:
-        report.info["meaningless_metrics"] = scores.meaningless
-    report.metric("scoring_s", time.perf_counter() - t1, "wall seconds to compute the configured metrics (cfg.metrics)")
+    if keep:
+        t1 = time.perf_counter()
+        scores = suite.evaluate(result.frames, video.frames, cfg.prompt)
+        for name, value in scores.values.items():
+            report.metric(name, value, scores.definitions[name])
+        if scores.meaningless:
+            report.info["meaningless_metrics"] = scores.meaningless
+        report.metric("scoring_s", time.perf_counter() - t1, "wall seconds to compute the configured metrics (cfg.metrics)")
     report.metric("total_s", time.perf_counter() - t0)
     print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {report.metrics['total_s']:.1f}s "
           f"({result.unet_evaluations} UNet evaluations) → {out / 'edited.mp4'}")

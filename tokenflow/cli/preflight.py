@@ -14,13 +14,15 @@ from typing import Any
 from omegaconf import DictConfig
 
 from tokenflow.core.memory import (MemoryEstimate, ModelShape, RunShape, check_memory, current_rss,
-                                   free_device_memory, free_host_memory)
+                                   free_device_memory, free_host_memory, length_growth)
 from tokenflow.errors import ConfigError, VideoError
 from tokenflow.storage.atomic import remove_stale, temp_path
 from tokenflow.storage.video import H264_MAX_SIDE, VideoInfo, probe_video, target_size
 
 log = logging.getLogger("tokenflow")
 ASPECT_TOLERANCE = 0.03  # default sizing that changes the aspect ratio by more than this is reported
+LENGTH_GROWTH_WARNING = 1.2  # warn when the estimated peak exceeds the same run's on BASE_FRAMES by this factor
+BASE_FRAMES = 24
 MB = 1 << 20
 
 
@@ -97,22 +99,42 @@ def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, invert
             anchors = min(attention.anchors, joint)
             held = min(joint, attention.segment + anchors + 1)
             joint = anchors
+    keep_frames = bool(cfg.get("metrics") and any(k != "_target_" for k in cfg.metrics))  # scored: frames gathered
     return RunShape(n_frames, plan.height, plan.width, kept, 2 + int(source), joint, cfg.chunk_size, batch,
-                    model.vae_batch, model.device.type == "cuda", held_keyframes=held, anchors=anchors)
+                    model.vae_batch, model.device.type == "cuda", held_keyframes=held, anchors=anchors,
+                    keep_frames=keep_frames)
 
 
 def check_run_memory(model: Any, shape: RunShape, what: str = "") -> tuple[MemoryEstimate, dict[str, float]]:
     """Refuse a run whose estimated peak does not fit, or whose frames the encoder refuses (one line: the
     estimate, what is free, the largest size that fits); else the estimate and the estimated peaks in MiB
     (process RSS now + the run's addition)."""
-    estimate = check_memory(ModelShape.from_model(model), shape, free_host_memory(),
-                            free_device_memory(model.device), what, max_side=H264_MAX_SIDE)
-    peaks = {"estimated_peak_rss_mb": (current_rss() + estimate.host_bytes) / MB}
+    model_shape = ModelShape.from_model(model)
+    estimate = check_memory(model_shape, shape, free_host_memory(), free_device_memory(model.device), what,
+                            max_side=H264_MAX_SIDE)
+    held = current_rss()
+    peaks = {"estimated_peak_rss_mb": (held + estimate.host_bytes) / MB}
     if shape.cuda:
         import torch
 
-        peaks["estimated_peak_cuda_mb"] = (torch.cuda.memory_allocated(model.device) + estimate.device_bytes) / MB
+        held = torch.cuda.memory_allocated(model.device)
+        peaks["estimated_peak_cuda_mb"] = (held + estimate.device_bytes) / MB
+    warn_length_growth(model_shape, shape, held, what)
     return estimate, peaks
+
+
+def warn_length_growth(model_shape: ModelShape, shape: RunShape, held: int, what: str = "") -> float:
+    """Warn when the run's estimated peak (``held`` + its addition) is more than ``LENGTH_GROWTH_WARNING`` times
+    the same run's on ``BASE_FRAMES`` frames and its keyframe attention is unbounded, naming the long-video
+    preset as the fix; returns the ratio."""
+    growth = length_growth(model_shape, shape, BASE_FRAMES, held)
+    if growth > LENGTH_GROWTH_WARNING and not shape.anchors:
+        where = "GPU memory" if shape.cuda else "memory"
+        log.warning("%s: the estimated peak %s is %.1fx that of %d frames and grows with the length (every keyframe "
+                    "attends to all %d keyframes) — for long videos use experiment=long_video (bounded keyframe "
+                    "attention, metrics scored afterwards)", what or f"{shape.n_frames} frames", where, growth,
+                    BASE_FRAMES, shape.keyframes)
+    return growth
 
 
 def size_phrase(cfg: DictConfig, plan: SizePlan, n_frames: int) -> str:

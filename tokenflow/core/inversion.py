@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
-from tokenflow.models.trajectory import InversionResult
+from tokenflow.models.trajectory import InversionResult, TensorTrajectory, Trajectory
 
 
 def image_conditioning(model, clean: Tensor) -> Tensor | None:
@@ -57,6 +57,20 @@ class Inverter(ABC):
     @abstractmethod
     def kept_timesteps(self, scheduler) -> list[int]:
         """Timesteps this inverter keeps, noisiest first."""
+
+    def invert_into(self, model, clean: Tensor, prompt: str, trajectory: Trajectory,
+                    progress: bool = True) -> InversionResult:
+        """Like :meth:`invert`, with the latents written into ``trajectory`` (T, N, C, h, w), e.g. a file.
+
+        This default inverts in RAM and copies the result slab by slab; an inverter that can write each
+        slab as it is produced (:class:`DDIMInverter`) overrides it, so RAM never holds T x N latents.
+        """
+        result = self.invert(model, clean, prompt, progress=progress)
+        for i in range(len(result.timesteps)):
+            trajectory.write(i, 0, result.trajectory.read(i))
+        result.trajectory.close()
+        return InversionResult(result.timesteps, trajectory, result.clean, result.prompt, result.settings,
+                               result.null_text, result.extras)
 
 
 @dataclass
@@ -110,13 +124,23 @@ class DDIMInverter(Inverter):
             keep = [grid[0]] + keep
         return keep
 
-    @torch.no_grad()
     def invert(self, model, clean: Tensor, prompt: str, progress: bool = True) -> InversionResult:
+        shape = (len(set(self.kept_timesteps(model.scheduler))), *clean.shape)
+        return self.invert_into(model, clean, prompt, TensorTrajectory.empty(shape), progress)
+
+    @torch.no_grad()
+    def invert_into(self, model, clean: Tensor, prompt: str, trajectory: Trajectory,
+                    progress: bool = True) -> InversionResult:
+        """Invert ``clean`` (N, C, h, w) in chunks of ``batch_size`` frames, writing each chunk's latents into
+        ``trajectory`` (T, N, C, h, w) as soon as they are computed (one timestep's rows at a time)."""
         grid = ddim_timesteps(model.scheduler, self.config.n_steps)[::-1]  # 1, ..., 981: least noisy first
-        keep = set(self.kept_timesteps(model.scheduler))
+        order = sorted(set(self.kept_timesteps(model.scheduler)), reverse=True)  # slab i holds order[i]
+        if tuple(trajectory.shape) != (len(order), *clean.shape):
+            raise ConfigError(f"the trajectory store has shape {tuple(trajectory.shape)}, the inversion needs "
+                              f"{(len(order), *clean.shape)} — size it from kept_timesteps and the clean latents")
+        slab = {t: i for i, t in enumerate(order)}
         cond = model.encode_text(prompt)
         image = image_conditioning(model, clean)
-        kept: dict[int, list[Tensor]] = {t: [] for t in keep}
         chunks = torch.arange(clean.shape[0]).split(self.config.batch_size)
         bar = tqdm(total=len(grid) * len(chunks), desc="DDIM inversion", unit="step", disable=not progress)
         for frames in chunks:
@@ -131,13 +155,11 @@ class DDIMInverter(Inverter):
                 for _ in range(self.config.fixed_point):  # the noise where sampling will evaluate it: at x_t
                     x_t = model.ddim_step(x, model.predict_noise(x_t, t, text, image_latents=extra), t_prev, t)
                 x = x_t
-                if t in keep:
-                    kept[t].append(x.cpu())
+                if t in slab:
+                    trajectory.write(slab[t], int(frames[0]), x.cpu())
                 bar.update(1)
         bar.close()
-        order = sorted(keep, reverse=True)
-        latents = torch.stack([torch.cat(kept[t]) for t in order])
-        return InversionResult(order, latents, clean.float().cpu(), prompt, self.settings())
+        return InversionResult(order, trajectory, clean.float().cpu(), prompt, self.settings())
 
 
 UncondSource = TextEmbedding | Callable[[int, Tensor], TextEmbedding] | None

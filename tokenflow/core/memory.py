@@ -4,14 +4,17 @@ The estimate is the memory a run adds on top of what the process holds when it i
 loaded weights: measure that with :func:`current_rss`). It is the largest of four phases, each the sum
 of what is alive in it:
 
-* ``encode``: input frames (uint8 + float32), the VAE encoder's working set for ``vae_batch`` frames;
-* ``invert``: frames, clean latents, the inversion trajectory (twice: kept list and stacked result),
-  the UNet's working set for ``inversion_batch`` frames with one branch;
-* ``edit``: frames, trajectory, edited latents (twice), the keyframe tokens stored for propagation
-  (every self-attention layer, every branch, every keyframe), the UNet's working set for
-  ``branches x max(keyframes, chunk_size)`` samples (the joint keyframe pass is the larger call);
-* ``decode``: frames, trajectory, latents, decoded float32 frames, output uint8 frames and the VAE
-  decoder's working set for ``vae_batch`` frames.
+* ``encode``: input frames (uint8), ``vae_batch`` of them as float32, the clean latents, the VAE
+  encoder's working set for ``vae_batch`` frames;
+* ``invert``: frames, clean latents, the UNet's working set for ``inversion_batch`` frames with one
+  branch, and the inversion trajectory when it is held in memory (``trajectory_in_memory``; by default
+  it is written to disk as computed and read one step at a time: no memory that grows with T x N);
+* ``edit``: frames, clean latents, (trajectory in memory), edited latents (twice), the keyframe tokens
+  stored for propagation (every self-attention layer, every branch, every held keyframe), the UNet's
+  working set for ``branches x max(keyframes, chunk_size)`` samples (the joint keyframe pass is the
+  larger call);
+* ``decode``: frames, latents, the decoded output frames when gathered (``keep_frames``; streamed to the
+  writers otherwise), ``vae_batch`` decoded float32 frames and the VAE decoder's working set.
 
 A UNet's working set is its skip connections plus the largest level's temporaries: ``RESNET_FACTOR``
 feature maps of that level's width for a level without attention, ``ATTENTION_FACTOR`` with one
@@ -22,10 +25,12 @@ kernels do not materialise them). On CUDA the UNet/VAE working sets, stored toke
 the device; frames and the trajectory stay in host memory. Every phase also holds
 ``RUNTIME_OVERHEAD`` of host memory that does not depend on the run's size.
 
-Measured on the tiny model (8 frames, 5 steps, PnP + TokenFlow, CPU; ``peak_rss_mb`` vs
-``estimated_peak_rss_mb`` of the CLI's metrics.json): at 256x256 the run's addition is estimated
-15% low (362 vs 427 MB) and the peak RSS 6% low (997 vs 1062 MB); at 512x512 11% low (1063 vs
-1200 MB) and 7% low (1698 vs 1834 MB). The overhead constant was set from a 2-frame 64x64 run.
+Measured on the tiny model (8 frames, 5 steps, PnP + TokenFlow, CPU, OMP_NUM_THREADS=1; ``peak_rss_mb``
+vs ``estimated_peak_rss_mb`` of the CLI's metrics.json, ``tokenflow-edit model=tiny n_frames=8 height=H
+width=H n_steps=5 metrics=none``): the peak RSS is estimated 1% low at 256x256 (1061 vs 1074 MB) and 5%
+low at 512x512 (1775 vs 1860 MB). The overhead constant was set from a 2-frame 64x64 run. Against length
+(experiments/benchmark_scale.py, 128x128): the estimate puts 480 frames at 1.25x the peak of 24 frames
+with unbounded attention (measured 1.51x) and 1.06x with ``experiment=long_video`` (measured 1.10x).
 """
 from __future__ import annotations
 
@@ -61,13 +66,21 @@ class ModelShape:
     @classmethod
     def from_model(cls, model: Any) -> "ModelShape":
         """From a :class:`~tokenflow.models.DiffusionModel` (its UNet and VAE configs)."""
-        u, v = model.unet.config, model.vae.config
-        layers = u.layers_per_block if isinstance(u.layers_per_block, int) else max(u.layers_per_block)
         weights = sum(t.numel() * t.element_size() for part in (model.unet, model.vae, model.text_encoder)
                       if part is not None for t in list(part.parameters()) + list(part.buffers()))
-        return cls(tuple(u.block_out_channels), tuple("Attn" in t for t in u.down_block_types), int(layers),
-                   int(u.in_channels), int(model.vae_scale_factor), tuple(v.block_out_channels),
-                   int(model.unet.dtype.itemsize), int(model.vae_dtype.itemsize), int(weights))
+        shape = cls.from_configs(dict(model.unet.config), dict(model.vae.config), int(model.unet.dtype.itemsize),
+                                 int(model.vae_dtype.itemsize), int(weights))
+        return replace(shape, vae_scale=int(model.vae_scale_factor))
+
+    @classmethod
+    def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], element_size: int, vae_element_size: int = 4,
+                     weights_bytes: int = 0) -> "ModelShape":
+        """From the UNet's and VAE's config dicts (``config.json`` of a diffusers folder: no weights needed)."""
+        layers = unet["layers_per_block"]
+        layers = layers if isinstance(layers, int) else max(layers)
+        return cls(tuple(unet["block_out_channels"]), tuple("Attn" in t for t in unet["down_block_types"]),
+                   int(layers), int(unet["in_channels"]), 2 ** (len(vae["block_out_channels"]) - 1),
+                   tuple(vae["block_out_channels"]), element_size, vae_element_size, weights_bytes)
 
     def self_attention_tokens(self, h: int, w: int) -> int:
         """sum over self-attention layers of tokens x channels, for latents (h, w): what a keyframe stores."""
@@ -97,6 +110,8 @@ class RunShape:
     cuda: bool = False          # UNet/VAE on a CUDA device (their working sets count on the device)
     held_keyframes: int | None = None  # keyframes whose tokens are held for propagation (None: ``keyframes``)
     anchors: int = 0            # attention.context=anchors: keyframes whose keys/values every keyframe reads
+    trajectory_in_memory: bool = False  # the inversion trajectory held in RAM (else on disk, one step read at a time)
+    keep_frames: bool = True    # the decoded output frames are gathered (else streamed to the writers)
 
     def resized(self, height: int, width: int) -> "RunShape":
         return replace(self, height=height, width=width)
@@ -146,25 +161,26 @@ def estimate_peak(m: ModelShape, r: RunShape) -> MemoryEstimate:
     """The peak memory a run adds (host and device), from the shapes alone; see the module docstring."""
     h, w = r.height // m.vae_scale, r.width // m.vae_scale
     n, f32 = r.n_frames, 4
+    vb = min(r.vae_batch, n)
     latents = n * m.latent_channels * h * w * f32
     frames_u8 = n * r.height * r.width * 3
-    frames_f32 = n * 3 * r.height * r.width * f32
-    trajectory = r.n_timesteps * latents
+    batch_f32 = vb * 3 * r.height * r.width * f32  # frames float32 only vae_batch at a time (encode, decode)
+    trajectory = r.n_timesteps * latents if r.trajectory_in_memory else 0
+    output_u8 = frames_u8 if r.keep_frames else vb * r.height * r.width * 3
     held = r.keyframes if r.held_keyframes is None else r.held_keyframes
     tokens = r.branches * held * m.self_attention_tokens(h, w) * m.element_size
     tokens += 2 * (r.branches - 1) * r.anchors * m.self_attention_tokens(h, w) * m.element_size  # anchors' K, V
-    vb = min(r.vae_batch, n)
     phases: dict[str, dict[str, tuple[int, bool]]] = {  # name -> part -> (bytes, on the device when CUDA)
-        "encode": {"frames": (frames_u8 + frames_f32, False), "latents": (latents, False),
+        "encode": {"frames": (frames_u8 + batch_f32, False), "latents": (latents, False),
                    "VAE encoder": (vae_working_set(m, r.height, r.width, vb, decode=False), True)},
         "invert": {"frames": (frames_u8, False), "latents": (latents, False),
-                   "inversion trajectory": (2 * trajectory, False),
+                   "inversion trajectory": (trajectory, False),
                    "UNet": (unet_working_set(m, h, w, min(r.inversion_batch, n)), True)},
         "edit": {"frames": (frames_u8, False), "inversion trajectory": (trajectory, False),
-                 "latents": (2 * latents, True), "keyframe tokens": (tokens, True),
+                 "clean latents": (latents, False), "latents": (2 * latents, True), "keyframe tokens": (tokens, True),
                  "UNet": (unet_working_set(m, h, w, r.branches * max(r.keyframes, min(r.chunk_size, n))), True)},
-        "decode": {"frames": (2 * frames_u8 + frames_f32, False), "inversion trajectory": (trajectory, False),
-                   "latents": (latents, False),
+        "decode": {"frames": (frames_u8 + output_u8 + batch_f32, False), "inversion trajectory": (trajectory, False),
+                   "latents": (2 * latents, False),
                    "VAE decoder": (vae_working_set(m, r.height, r.width, vb, decode=True), True)},
     }
     for parts in phases.values():
@@ -174,6 +190,22 @@ def estimate_peak(m: ModelShape, r: RunShape) -> MemoryEstimate:
     peak = max(totals, key=lambda phase: max(totals[phase]))
     return MemoryEstimate(max(t[0] for t in totals.values()), max(t[1] for t in totals.values()), peak,
                           {name: b for name, (b, _) in phases[peak].items()})
+
+
+def length_growth(m: ModelShape, r: RunShape, base_frames: int = 24, held: int = 0) -> float:
+    """How much larger the run's peak is than the same run on ``base_frames`` frames: (held + peak at n) /
+    (held + peak at base), on the device when CUDA, else in host memory; ``held``: what the process already
+    holds (weights, libraries). Joint keyframes scale with the length unless attention is bounded."""
+    if r.n_frames <= base_frames:
+        return 1.0
+    if r.anchors:  # bounded attention: the joint and held keyframes do not depend on the length
+        small = replace(r, n_frames=base_frames)
+    else:
+        k = max(1, math.ceil(r.keyframes * base_frames / r.n_frames)) if r.keyframes else 0
+        small = replace(r, n_frames=base_frames, keyframes=k, held_keyframes=None if r.held_keyframes is None else k)
+    big, base = estimate_peak(m, r), estimate_peak(m, small)
+    pick = (lambda e: e.device_bytes) if r.cuda else (lambda e: e.host_bytes)
+    return (held + pick(big)) / (held + pick(base))
 
 
 def largest_fitting_size(m: ModelShape, r: RunShape, host_free: int, device_free: int | None,
@@ -273,6 +305,6 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / MIB:.0f} MiB"
 
 
-__all__ = ["ModelShape", "RunShape", "MemoryEstimate", "estimate_peak", "check_memory", "largest_fitting_size",
+__all__ = ["ModelShape", "RunShape", "MemoryEstimate", "estimate_peak", "check_memory", "largest_fitting_size", "length_growth",
            "unet_working_set", "vae_working_set", "current_rss", "peak_rss", "free_host_memory",
            "free_device_memory"]

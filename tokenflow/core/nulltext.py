@@ -171,5 +171,5 @@ def sample_with_null_text(model, inversion: InversionResult, prompt_embedding: T
         return TextEmbedding(null.table[i, frames].to(device), pooled)
 
     scale = null.guidance_scale if guidance_scale is None else guidance_scale
-    return sample(model, inversion.latents[0], inversion.timesteps, prompt_embedding, uncond, scale, batch_size,
+    return sample(model, inversion.at(inversion.timesteps[0]), inversion.timesteps, prompt_embedding, uncond, scale, batch_size,
                   progress, desc="null-text reconstruction", image_latents=image_conditioning(model, inversion.clean))

@@ -11,8 +11,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -29,16 +31,22 @@ from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
 from tokenflow.models.layout import UNetLayout
 from tokenflow.models.loading import as_model
-from tokenflow.models.trajectory import InversionResult
+from tokenflow.models.trajectory import FileTrajectory, InversionResult, TeeTrajectory
 from tokenflow.storage.cache import InversionCache, cache_key
 from tokenflow.storage.video import Video, frames_from_tensor, video_fingerprint
 
 log = logging.getLogger(__name__)
 
 
+class FrameSink(Protocol):
+    """Where decoded frames go as they are produced (:class:`~tokenflow.storage.video.VideoWriter`, ``FrameWriter``)."""
+
+    def write(self, frames: np.ndarray) -> None: ...
+
+
 @dataclass
 class EditResult:
-    frames: "Any"                   # (N, H, W, 3) uint8
+    frames: "Any"                   # (N, H, W, 3) uint8, or None when the edit streamed them (keep_frames=False)
     latents: Tensor                 # (N, C, h, w) edited clean latents
     keyframes: list[list[int]]      # keyframes drawn at each step
     timesteps: list[int]
@@ -47,20 +55,45 @@ class EditResult:
 
 
 def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: InversionCache | None = None,
-                 progress: bool = True) -> tuple[InversionResult, bool]:
-    """Encode and invert ``video`` (cached by content); returns (inversion, cache_hit)."""
+                 progress: bool = True, temp_dir: str | None = None) -> tuple[InversionResult, bool]:
+    """Encode and invert ``video`` (cached by content); returns (inversion, cache_hit).
+
+    The trajectory is written to disk as it is computed and read back one timestep at a time: into an
+    anonymous temporary file in ``temp_dir`` (default ``$TMPDIR``; gone when the result is dropped or the
+    process dies) and, with a cache, also into the cache entry (published when complete; a later hit
+    reads from the entry). Frames are encoded ``model.vae_batch`` at a time from uint8.
+    """
     key = cache_key(video=video_fingerprint(video), model=model.fingerprint, inverter=inverter.settings(), prompt=prompt)
     if cache is not None:
         hit = cache.load(key)
         if hit is not None:
             log.info("inversion cache hit %s", key)
             return hit, True
-    clean = model.encode_images(video.to_tensor())
-    result = inverter.invert(model, clean, prompt, progress=progress)
-    if cache is not None:
-        cache.save(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
-                   size=[video.height, video.width])
+    clean = encode_video(model, video)
+    shape = (len(set(inverter.kept_timesteps(model.scheduler))), *clean.shape)
+    writer = cache.writer(key, shape) if cache is not None else None
+    trajectory = FileTrajectory.temporary(shape, folder=temp_dir)
+    store = trajectory if writer is None else TeeTrajectory(trajectory, writer.trajectory)
+    try:
+        result = inverter.invert_into(model, clean, prompt, store, progress=progress)
+        result.trajectory = trajectory
+    except BaseException:
+        if writer is not None:
+            writer.discard()
+        trajectory.close()
+        raise
+    if writer is not None:
+        writer.publish(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
+                       size=[video.height, video.width])
     return result, False
+
+
+def encode_video(model, video: Video) -> Tensor:
+    """Clean latents (N, C, h, w) float32 of ``video``'s frames, encoded ``model.vae_batch`` frames at a time (only
+    that many frames are ever float32 in memory)."""
+    step = max(1, int(model.vae_batch))
+    return torch.cat([model.encode_images(video.to_tensor(slice(i, i + step)))
+                      for i in range(0, video.n_frames, step)]).contiguous()
 
 
 class TokenFlowPipeline:
@@ -210,10 +243,14 @@ class TokenFlowPipeline:
     # ---- the whole edit --------------------------------------------------------------------------
     def edit(self, inversion: InversionResult, prompt: str, negative_prompt: str = "", inversion_prompt: str | None = None,
              progress: bool = True, on_match: CorrespondenceCallback | None = None,
-             video: Video | None = None) -> EditResult:
+             video: Video | None = None, output: FrameSink | Sequence[FrameSink] = (),
+             keep_frames: bool = True) -> EditResult:
         """Edit from an existing inversion; returns decoded frames and what was done.
 
         ``video``: the input frames, for propagators that read pixels (optical flow); optional.
+        ``output``: sinks (e.g. a ``VideoWriter`` and a ``FrameWriter``) given the frames as they are decoded,
+        ``model.vae_batch`` at a time; with ``keep_frames=False`` the frames are not gathered (``frames`` is
+        None) and decoding needs memory for one batch only, whatever the video's length.
         """
         grid = ddim_timesteps(self.model.scheduler, self.n_steps)
         inputs = EditInputs(self.model, inversion, prompt, negative_prompt,
@@ -247,7 +284,7 @@ class TokenFlowPipeline:
             runtime.remove()
         t_edit = time.perf_counter() - t0
         t0 = time.perf_counter()
-        frames = frames_from_tensor(self.model.decode_latents(x))
+        frames = decode_frames(self.model, x, [output] if hasattr(output, "write") else list(output), keep_frames)
         timings = {"editing_s": t_edit, "decoding_s": time.perf_counter() - t0}
         return EditResult(frames, x.cpu(), schedule, timesteps, timings, self.unet_evaluations)
 
@@ -259,15 +296,31 @@ class TokenFlowPipeline:
                           editor=f"{type(self.editor).__module__}.{type(self.editor).__qualname__}")
 
     def __call__(self, video: Video, prompt: str, negative_prompt: str = "", inversion_prompt: str = "",
-                 progress: bool = True, on_match: CorrespondenceCallback | None = None) -> EditResult:
-        """Invert ``video`` (cached) and edit it towards ``prompt``."""
+                 progress: bool = True, on_match: CorrespondenceCallback | None = None,
+                 output: FrameSink | Sequence[FrameSink] = (), keep_frames: bool = True) -> EditResult:
+        """Invert ``video`` (cached; the trajectory on disk) and edit it towards ``prompt`` (``output``,
+        ``keep_frames``: see :meth:`edit`)."""
         self.editor.check(self.model)  # before the inversion: a model the editor cannot drive fails at once
         t0 = time.perf_counter()
         inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
         t_inv = time.perf_counter() - t0
-        result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video)
+        result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video,
+                           output=output, keep_frames=keep_frames)
         result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), **result.timings}
         return result
+
+
+def decode_frames(model, latents: Tensor, sinks: Sequence[FrameSink] = (), keep: bool = True) -> np.ndarray | None:
+    """Decode latents (N, C, h, w) ``model.vae_batch`` frames at a time, handing each batch's (F, H, W, 3) uint8
+    frames to every sink; returns all frames (N, H, W, 3) when ``keep``, else None."""
+    kept = []
+    for chunk in latents.split(max(1, int(model.vae_batch))):
+        frames = frames_from_tensor(model.decode_latents(chunk))
+        for sink in sinks:
+            sink.write(frames)
+        if keep:
+            kept.append(frames)
+    return np.concatenate(kept) if keep else None
 
 
 def _chunks(frames: Tensor, size: int) -> tuple[Tensor, ...]:

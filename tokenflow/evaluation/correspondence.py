@@ -215,7 +215,7 @@ def compute_field(model, inversion: InversionResult, layer: str | int, timestep:
         index[:, k], similarity[:, k] = idx.cpu(), sim.float().cpu()
 
     dummy = tokens.new_zeros(1, 1, S, 1)  # keyframe outputs are not needed: width-1 placeholder
-    grid = token_grid(tuple(inversion.latents.shape[-2:]), S)
+    grid = token_grid(tuple(inversion.clean.shape[-2:]), S)
     for k in range(len(kf)):
         propagator.propagate(PropagationQuery(name, grid, int(timestep), frames_t, kf[k:k + 1], dummy, query,
                                               keys[k:k + 1], record))

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.storage.atomic import atomic_dir, atomic_file
+from tokenflow.storage.atomic import atomic_dir, atomic_file, temp_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BACKENDS = ("auto", "decord", "pyav")
@@ -54,9 +54,10 @@ class Video:
     def width(self) -> int:
         return int(self.frames.shape[2])
 
-    def to_tensor(self) -> torch.Tensor:
-        """Frames as float32 (N, 3, H, W) in [-1, 1] (CPU; move it with ``.to(device)``)."""
-        x = torch.from_numpy(np.ascontiguousarray(self.frames)).permute(0, 3, 1, 2)
+    def to_tensor(self, frames: slice | None = None) -> torch.Tensor:
+        """Frames (or a ``slice`` of them) as float32 (N, 3, H, W) in [-1, 1] (CPU; move it with ``.to(device)``)."""
+        x = torch.from_numpy(np.ascontiguousarray(self.frames if frames is None else self.frames[frames]))
+        x = x.permute(0, 3, 1, 2)
         return x.float().div(127.5).sub(1.0)
 
     @classmethod
@@ -196,11 +197,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path
         raise ConfigError(f"fps={fps} must be positive — pass the source clip's fps")
     _check_frames(frames, "frames")
     n, h, w = frames.shape[:3]
-    if h % 2 or w % 2:
-        raise VideoError(f"frames are {h}x{w}; H.264 yuv420p needs even height and width — crop or resize")
-    if max(h, w) > H264_MAX_SIDE:
-        raise VideoError(f"frames are {h}x{w}; the H.264 encoder (libx264) takes at most {H264_MAX_SIDE} pixels a side "
-                         "— resize them")
+    _check_writable_size(h, w)
     try:
         with atomic_file(p, suffix=".mp4", check=lambda tmp: check_video_file(tmp, n, h, w)) as tmp:
             _encode_h264(tmp, frames, fps)
@@ -211,15 +208,28 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path
     return p
 
 
-def _encode_h264(path: Path, frames: np.ndarray, fps: float) -> None:
-    """Pipe raw RGB frames into ffmpeg (libx264, yuv420p); raises OSError unless ffmpeg exits with 0."""
+def _check_writable_size(h: int, w: int) -> None:
+    if h % 2 or w % 2:
+        raise VideoError(f"frames are {h}x{w}; H.264 yuv420p needs even height and width — crop or resize")
+    if max(h, w) > H264_MAX_SIDE:
+        raise VideoError(f"frames are {h}x{w}; the H.264 encoder (libx264) takes at most {H264_MAX_SIDE} pixels a side "
+                         "— resize them")
+
+
+def _h264_command(path: Path, h: int, w: int, fps: float) -> list[str]:
+    """ffmpeg reading raw RGB frames on stdin, writing H.264 (libx264, yuv420p) to ``path``."""
     import imageio_ffmpeg
 
-    n, h, w = frames.shape[:3]
     rate = str(Fraction(fps).limit_denominator(1001))
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
-           "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264",
-           "-pix_fmt", "yuv420p", "-crf", str(H264_CRF), str(path)]
+    return [imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-v", "error", "-f", "rawvideo", "-vcodec", "rawvideo",
+            "-s", f"{w}x{h}", "-pix_fmt", "rgb24", "-r", rate, "-i", "-", "-an", "-vcodec", "libx264",
+            "-pix_fmt", "yuv420p", "-crf", str(H264_CRF), str(path)]
+
+
+def _encode_h264(path: Path, frames: np.ndarray, fps: float) -> None:
+    """Pipe raw RGB frames into ffmpeg (libx264, yuv420p); raises OSError unless ffmpeg exits with 0."""
+    n, h, w = frames.shape[:3]
+    cmd = _h264_command(path, h, w, fps)
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=log)
         try:
@@ -278,6 +288,156 @@ def write_frames(folder: str | os.PathLike, frames: np.ndarray) -> list[Path]:
         with atomic_file(out / name) as tmp:
             Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
     return [out / name for name in names]
+
+
+class VideoWriter:
+    """Write an H.264 mp4 chunk by chunk, as frames are produced (a context manager)::
+
+        with VideoWriter("edited.mp4", fps) as out:
+            for chunk in chunks:          # (F, H, W, 3) uint8 each
+                out.write(chunk)
+
+    Frames stream into ffmpeg writing a temporary file beside ``path``; leaving the block normally
+    checks the file (ffmpeg's status, frame count and size read back, as :func:`write_video`), flushes
+    it and renames it to ``path``. An exception in the block (or a kill) publishes nothing: the encoder
+    is stopped and the temporary removed (a killed process's one is removed by ``remove_stale``).
+    """
+
+    def __init__(self, path: str | os.PathLike, fps: float) -> None:
+        self.path = Path(path)
+        if self.path.suffix.lower() != ".mp4":
+            raise ConfigError(f"VideoWriter writes H.264 mp4, got '{self.path}' — use a path ending in .mp4")
+        if fps <= 0:
+            raise ConfigError(f"fps={fps} must be positive — pass the source clip's fps")
+        self.fps, self.n_frames, self.size = float(fps), 0, None
+        self._proc: subprocess.Popen | None = None
+        self._log = self._tmp = None
+
+    def __enter__(self) -> "VideoWriter":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append (F, H, W, 3) uint8 frames (every chunk the size of the first)."""
+        _check_frames(frames, "frames")
+        size = tuple(frames.shape[1:3])
+        if self._proc is None:
+            _check_writable_size(*size)
+            self.size = size
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = temp_path(self.path, ".mp4")
+            self._log = tempfile.TemporaryFile()
+            self._proc = subprocess.Popen(_h264_command(self._tmp, *size, self.fps), stdin=subprocess.PIPE,
+                                          stdout=subprocess.DEVNULL, stderr=self._log)
+        elif size != self.size:
+            raise VideoError(f"frames of {size[0]}x{size[1]} after frames of {self.size[0]}x{self.size[1]} — every chunk "
+                             "of a video must have one size")
+        try:
+            assert self._proc.stdin is not None
+            self._proc.stdin.write(np.ascontiguousarray(frames).tobytes())
+        except BrokenPipeError:
+            pass  # ffmpeg quit early; close() reports its status and message
+        self.n_frames += len(frames)
+
+    def close(self) -> Path:
+        """Finish the file, check it and publish it under ``path``; VideoError (and nothing published) if the
+        encoder failed or wrote fewer frames."""
+        if self._proc is None:
+            raise VideoError(f"no frames were written to '{self.path}' — write at least one frame")
+        try:
+            with contextlib.suppress(BrokenPipeError):
+                self._proc.stdin.close()
+            status = self._proc.wait()
+            self._log.seek(0)
+            message = self._log.read().decode(errors="replace")
+            if status != 0:
+                raise VideoError(f"could not write video '{self.path}': ffmpeg exited with status {status}: "
+                                 f"{_one_line(Exception(message)) if message.strip() else 'no message'} — check disk "
+                                 "space and permissions")
+            check_video_file(self._tmp, self.n_frames, *self.size)
+            with open(self._tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        self._cleanup()
+        return self.path
+
+    def abort(self) -> None:
+        """Stop the encoder and remove the temporary file: nothing is published."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        if self._tmp is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self._tmp.unlink()
+        self._cleanup()
+
+    def _cleanup(self) -> None:
+        if self._log is not None:
+            self._log.close()
+        self._proc, self._log = None, None
+
+
+class FrameWriter:
+    """Write PNG frames ``00000.png, 00001.png, ...`` chunk by chunk (a context manager, like :class:`VideoWriter`).
+
+    A new ``folder`` is filled under a temporary name and renamed when the block ends normally: it
+    appears whole or not at all. In an existing folder each frame is written atomically in place (as
+    :func:`write_frames`).
+    """
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder, self.n_frames = Path(folder), 0
+        self._fresh = not self.folder.exists()
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> "FrameWriter":
+        if self._fresh:
+            self.folder.parent.mkdir(parents=True, exist_ok=True)
+            self._tmp = temp_path(self.folder)
+            self._tmp.mkdir()
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+    def write(self, frames: np.ndarray) -> None:
+        """Append (F, H, W, 3) uint8 frames."""
+        _check_frames(frames, "frames")
+        for frame in frames:
+            name = f"{self.n_frames:05d}.png"
+            if self._tmp is not None:
+                Image.fromarray(np.ascontiguousarray(frame)).save(self._tmp / name, format="PNG")
+            else:
+                with atomic_file(self.folder / name) as tmp:
+                    Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
+            self.n_frames += 1
+
+    def close(self) -> Path:
+        if self._tmp is not None:
+            if self.folder.exists():
+                self.abort()
+                raise FileExistsError(f"{self.folder} appeared while its frames were written — write into a new folder")
+            os.rename(self._tmp, self.folder)
+            self._tmp = None
+        return self.folder
+
+    def abort(self) -> None:
+        if self._tmp is not None:
+            import shutil
+
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
 
 def round_frames_down(video: Video, multiple: int) -> Video:
