@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -187,20 +188,26 @@ def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
     vae.post_quant_conv.weight.div_(s)
 
 
-def tiny_model_folder(cache_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Return the folder of the tiny pipeline for ``spec``, building it once (atomically) if absent."""
-    target = Path(cache_dir).expanduser() / "models" / f"tiny-{spec.key()}"
-    if (target / "model_index.json").is_file():
+def build_once(target: Path, marker: str, build: Callable[[Path], None], prefix: str = ".tiny-") -> Path:
+    """``target``, built once: ``build(staging)`` fills a temp folder beside it, renamed into place atomically
+    (readers see the whole folder or none); ``marker``, a file inside, says the folder is complete."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
+    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
-        build_tiny_pipeline(staging, spec)
+        build(staging)
         try:
-            os.replace(staging, target)  # atomic: readers see the whole folder or none
+            os.replace(staging, target)
         except OSError:
-            if not (target / "model_index.json").is_file():  # lost a race with nothing to show for it
+            if not (target / marker).is_file():  # lost a race with nothing to show for it
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def tiny_model_folder(cache_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
+    """Return the folder of the tiny pipeline for ``spec``, building it once (atomically) if absent."""
+    target = Path(cache_dir).expanduser() / "models" / f"tiny-{spec.key()}"
+    return build_once(target, "model_index.json", lambda folder: build_tiny_pipeline(folder, spec))

@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tokenflow.errors import ConfigError
+from tokenflow.models.tiny import build_once
 
 MARKER = "tokenflow_tiny_eval.json"  # present in every folder built here: "these weights are random"
 TINY_EVAL_FORMAT = 1
@@ -128,31 +127,13 @@ def is_tiny_eval(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def _build_once(target: Path, build: Callable[[Path], None]) -> Path:
-    """Build into a staging folder beside ``target`` and rename it into place (readers see all or nothing)."""
-    if (target / MARKER).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-eval-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / MARKER).is_file():  # lost a race with nothing to show for it
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
 def tiny_clip_folder(cache_dir: str | os.PathLike, spec: TinyClipSpec = TinyClipSpec()) -> Path:
     """Folder of the tiny CLIP for ``spec`` under ``cache_dir/models``, built once (atomically) if absent."""
-    return _build_once(Path(cache_dir).expanduser() / "models" / f"tiny-clip-{spec.key()}",
-                       lambda f: build_tiny_clip(f, spec))
+    return build_once(Path(cache_dir).expanduser() / "models" / f"tiny-clip-{spec.key()}", MARKER,
+                      lambda f: build_tiny_clip(f, spec), prefix=".tiny-eval-")
 
 
 def tiny_dino_folder(cache_dir: str | os.PathLike, spec: TinyDinoSpec = TinyDinoSpec()) -> Path:
     """Folder of the tiny DINO-like ViT for ``spec`` under ``cache_dir/models``, built once if absent."""
-    return _build_once(Path(cache_dir).expanduser() / "models" / f"tiny-{spec.kind}-{spec.key()}",
-                       lambda f: build_tiny_dino(f, spec))
+    return build_once(Path(cache_dir).expanduser() / "models" / f"tiny-{spec.kind}-{spec.key()}", MARKER,
+                      lambda f: build_tiny_dino(f, spec), prefix=".tiny-eval-")

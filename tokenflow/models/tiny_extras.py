@@ -15,14 +15,12 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
-from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
+from tokenflow.models.tiny import TinyModelSpec, build_once, tiny_model_folder
 
 EXTRAS_FORMAT_VERSION = 1
 
@@ -42,24 +40,6 @@ class TinyControlNetSpec:
 def _key(*parts: object) -> str:
     blob = json.dumps([*parts, EXTRAS_FORMAT_VERSION], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """``target`` holding ``marker``, built by ``build(staging)`` into a temp folder and renamed atomically."""
-    if (target / marker).is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        build(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / marker).is_file():  # lost a race with nothing to show for it
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def build_tiny_controlnet(unet: torch.nn.Module, spec: TinyControlNetSpec = TinyControlNetSpec()):
@@ -92,7 +72,7 @@ def tiny_controlnet_folder(cache_dir: str | os.PathLike, unet: torch.nn.Module,
     def build(folder: Path) -> None:
         build_tiny_controlnet(unet, spec).save_pretrained(folder)
 
-    return _build_once(target, "config.json", build)
+    return build_once(target, "config.json", build)
 
 
 def tiny_ip2p_folder(cache_dir: str | os.PathLike, spec: TinyModelSpec = TinyModelSpec()) -> Path:
@@ -117,7 +97,7 @@ def tiny_ip2p_folder(cache_dir: str | os.PathLike, spec: TinyModelSpec = TinyMod
         index["_class_name"] = "StableDiffusionInstructPix2PixPipeline"
         (folder / "model_index.json").write_text(json.dumps(index, indent=2))
 
-    return _build_once(target, "model_index.json", build)
+    return build_once(target, "model_index.json", build)
 
 
 def load_tiny_ip2p(device: str = "auto", dtype: str = "auto", cache_dir: str | None = None, tiny_seed: int = 0):
