@@ -386,6 +386,20 @@ def _load_error(kind: str, model: str, e: Exception) -> ModelLoadError:
                           "HF_HUB_OFFLINE=0), point model= at a local folder, or use model=tiny for the offline test model")
 
 
+class ModelMetric(VideoMetric):
+    """A metric computed by a network loaded by hub id or folder (``config.model``), or ``tiny``: random
+    weights built offline, whose scores are labelled meaningless. ``Config`` has ``model`` and ``label``."""
+
+    def __init__(self, **config: Any) -> None:
+        self.config = self.Config(**config)
+        self._meaningless = _is_meaningless(self.config.model)
+        self.label = _label(self.config.model, self.config.label, self._meaningless)
+
+    @property
+    def meaningless(self) -> bool:
+        return self._meaningless
+
+
 def _pooled(out: Any) -> torch.Tensor:
     """transformers 4.x returns the projected embedding, 5.x an output whose pooler_output holds it."""
     return out if isinstance(out, torch.Tensor) else out.pooler_output
@@ -409,20 +423,11 @@ class ClipConfig:
             raise ConfigError(f"metrics.clip.batch_size={self.batch_size} must be >= 1 — e.g. 16")
 
 
-class ClipMetric(VideoMetric):
+class ClipMetric(ModelMetric):
     """CLIP text alignment and frame consistency (``transformers`` CLIPModel, projected embeddings, fp32)."""
 
     name = "clip"
     Config = ClipConfig
-
-    def __init__(self, **config: Any) -> None:
-        self.config = ClipConfig(**config)
-        self._meaningless = _is_meaningless(self.config.model)
-        self.label = _label(self.config.model, self.config.label, self._meaningless)
-
-    @property
-    def meaningless(self) -> bool:
-        return self._meaningless
 
     @property
     def definitions(self) -> dict[str, str]:
@@ -521,20 +526,11 @@ class DinoConfig:
             raise ConfigError(f"metrics.dino.size={self.size} / batch_size={self.batch_size} must be >= 1 — e.g. 224 / 8")
 
 
-class DinoStructureMetric(VideoMetric):
+class DinoStructureMetric(ModelMetric):
     """Structure distance (DINO key self-similarity, Splice/PnP/FiVE-Bench) and DINO frame consistency."""
 
     name = "dino"
     Config = DinoConfig
-
-    def __init__(self, **config: Any) -> None:
-        self.config = DinoConfig(**config)
-        self._meaningless = _is_meaningless(self.config.model)
-        self.label = _label(self.config.model, self.config.label, self._meaningless)
-
-    @property
-    def meaningless(self) -> bool:
-        return self._meaningless
 
     @property
     def definitions(self) -> dict[str, str]:
