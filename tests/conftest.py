@@ -94,3 +94,14 @@ def translation_clip(n: int = 4, size: int = 128, shift: int = 8, seed: int = 0)
     image = image + 0.3 * torch.from_numpy(rng.uniform(-1, 1, (1, 3, size, size)).astype(np.float32))
     frames = torch.cat([torch.roll(image, shifts=i * shift, dims=3) for i in range(n)]).clamp(-1, 1)
     return Video.from_tensor(frames, fps=10.0, source="synthetic-translation")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while this module runs: tiny models are latency-bound, and with two threads on a busy
+    2-core machine torch's workers wait on each other (measured: the sd21-base matrix of tests/test_variants.py
+    took 198 s of CPU with 2 threads under load, 8.6 s with 1)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -40,15 +40,7 @@ INVERTERS = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread while this module runs: tiny models are latency-bound, and with two threads on a busy
-    2-core machine torch's workers wait on each other (measured: the sd21-base matrix of tests/test_variants.py
-    took 198 s of CPU with 2 threads under load, 8.6 s with 1)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
 
 
 @pytest.fixture(scope="module")
