@@ -24,6 +24,7 @@ from torch import Tensor
 
 from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step
 from tokenflow.core.guidance import GuidedEditor
+from tokenflow.core.numerics import check_finite_setting
 from tokenflow.editors.conditions import Condition, condition_maps, input_frames
 from tokenflow.editors.pnp import PnPEditor
 from tokenflow.errors import ConfigError, ModelLoadError
@@ -66,6 +67,7 @@ class ControlNetConfig:
 
     def __post_init__(self) -> None:
         self.base = choice(Base, self.base, "editor.base")
+        check_finite_setting(self.guidance_scale, "editor.guidance_scale")
         if not self.controlnets:
             raise ConfigError("editor.controlnets is empty — give at least one, e.g. editor.controlnets.canny.source=tiny")
         self.controlnets = {name: _spec(name, spec) for name, spec in self.controlnets.items()}
@@ -214,6 +216,10 @@ class ControlNetEditor(KeyframeEditor):
     # ---- everything else is the base editor's ---------------------------------------------------
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
         return self.base.guide(eps, step)
+
+    @property
+    def guidance_weight(self) -> float | None:
+        return self.base.guidance_weight
 
     def timesteps(self, grid: list[int]) -> list[int]:
         return self.base.timesteps(grid)

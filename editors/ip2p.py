@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tokenflow.core.editor import Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import image_conditioning
+from tokenflow.core.numerics import check_finite_setting
 from tokenflow.errors import ConfigError
 
 
@@ -27,7 +28,7 @@ class InstructPix2PixConfig:
 
     def __post_init__(self) -> None:
         for name in ("guidance_scale", "image_guidance_scale"):
-            if getattr(self, name) < 0:
+            if check_finite_setting(getattr(self, name), f"editor.{name}") < 0:
                 raise ConfigError(f"editor.{name}={getattr(self, name)} must be >= 0 — 7.5 and 1.5 are the usual values")
 
 
@@ -38,6 +39,10 @@ class InstructPix2PixEditor(KeyframeEditor):
 
     def __init__(self, **config) -> None:
         self.config = InstructPix2PixConfig(**config)
+
+    @property
+    def guidance_weight(self) -> float:
+        return max(self.config.guidance_scale, self.config.image_guidance_scale)
 
     @property
     def guided(self) -> bool:

@@ -39,6 +39,7 @@ from enum import Enum
 
 from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.core.guidance import UnconditionalEmbedding, cfg
+from tokenflow.core.numerics import check_finite_setting
 from tokenflow.editors.p2p_align import equalizer, refinement_mapper, replacement_mapper, word_positions
 from tokenflow.editors.p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention
 from tokenflow.errors import ConfigError
@@ -71,7 +72,7 @@ class PromptToPromptConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ConfigError(f"editor.{name}={v} must be in [0, 1] — it is a fraction of the denoising steps")
-        if self.guidance_scale < 0:
+        if check_finite_setting(self.guidance_scale, "editor.guidance_scale") < 0:
             raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
         if not 0.0 <= self.blend_threshold < 1.0:
             raise ConfigError(f"editor.blend_threshold={self.blend_threshold} must be in [0, 1) — 0.3 is the usual value")
@@ -146,6 +147,10 @@ class PromptToPromptEditor(KeyframeEditor):
         if self._uncond is not None:
             out.append(Branch("uncond", self._uncond.at(step.timestep)))
         return out + [Branch(TARGET, self._embeddings[TARGET])]
+
+    @property
+    def guidance_weight(self) -> float:
+        return self.config.guidance_scale
 
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
         return cfg(eps, self.config.guidance_scale, cond=TARGET)

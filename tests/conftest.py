@@ -105,3 +105,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Factory ``(size) -> folder``: a tmpfs of ``size`` (e.g. "64k") mounted in ``tmp_path`` — a real full disk
+    (ENOSPC from the kernel). Skips where mounting is not permitted (not root, or no tmpfs); always unmounted."""
+    import shutil
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def make(size: str) -> Path:
+        folder = tmp_path / f"disk-{len(mounted)}"
+        folder.mkdir()
+        if shutil.which("mount") is None or os.geteuid() != 0:
+            pytest.skip("a small full disk needs `mount -t tmpfs` as root")
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"mounting a tmpfs is not permitted here: {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield make
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)

@@ -122,6 +122,16 @@ BAD_INPUTS = [  # (id, arguments (FILE:name is a file of the fixture), expected 
     ("class-unknown-setting", ["propagator=none", "+propagator.radius=1"], "NoPropagation() takes no arguments"),
     ("bad-device", ["device=tpu"], "device='tpu'"),
     ("bad-dtype", ["dtype=float8"], "dtype='float8' is unknown"),
+    ("guidance-nan", ["editor.guidance_scale=nan"], "editor.guidance_scale=nan is not a finite number"),
+    ("guidance-inf", ["editor.guidance_scale=inf"], "editor.guidance_scale=inf is not a finite number"),
+    ("strength-minus-inf", ["editor=sdedit", "editor.strength=-inf"], "editor.strength=-inf is not a finite number"),
+    ("steps-past-training", ["n_steps=1001"], "1001 DDIM steps on a model trained with 1000 timesteps"),
+    ("inverter-steps-past-training", ["inverter.n_steps=5000"], "5000 DDIM steps on a model trained with 1000"),
+    ("seed-2-63", ["seed=9223372036854775808"], "seed=9223372036854775808 is outside 0..2^63-1"),
+    ("seed-2-64", ["seed=18446744073709551616"], "seed=18446744073709551616 is outside 0..2^63-1"),
+    ("seed-negative", ["seed=-1"], "seed=-1 is outside 0..2^63-1"),
+    ("run-dir-below-a-file", ["hydra.run.dir=FILE:image.png/run"], "image.png/run cannot be created or written"),
+    ("cache-dir-is-a-file", ["cache_dir=FILE:image.png"], "a file stands where a folder is needed"),
 ]
 SIZE_CASES = [  # need the (tiny) model's shapes: refused before any frame is decoded
     ("huge-size", ["height=16384", "width=16384"], "needs about"),
@@ -131,7 +141,8 @@ SIZE_CASES = [  # need the (tiny) model's shapes: refused before any frame is de
 
 
 def _args(args: list[str], files: dict[str, Path]) -> list[str]:
-    return [a.replace("FILE:", str(files[a.split("FILE:")[1]].parent) + "/") if "FILE:" in a else a for a in args]
+    return [a.replace("FILE:", str(files[a.split("FILE:")[1].split("/")[0]].parent) + "/") if "FILE:" in a else a
+            for a in args]
 
 
 @pytest.mark.parametrize("args, message", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
@@ -162,7 +173,9 @@ def test_largest_size_that_fits_is_exact():
     from tokenflow.errors import ConfigError
 
     # Stable Diffusion 1.5/2.1's shapes (UNet and VAE block_out_channels, attention levels), float32
-    m = ModelShape((320, 640, 1280, 1280), (True, True, True, False), 2, 4, 8, (128, 256, 512, 512), 4, 4)
+    levels = (0, 0, 1, 1, 2, 2, 3, 2, 2, 2, 1, 1, 1, 0, 0, 0)  # attn1 of down, mid and up blocks (UNetLayout)
+    m = ModelShape((320, 640, 1280, 1280), (True, True, True, False), 2, 4, 8, (128, 256, 512, 512), 4, 4,
+                   self_attention_levels=levels)
     run = RunShape(24, 8192, 8192, 50, branches=3, keyframes=3, chunk_size=8)
     free = 8 << 30
     h, w = largest_fitting_size(m, run, free, None)

@@ -19,3 +19,11 @@ class VideoError(TokenFlowError):
 
 class ModelLoadError(TokenFlowError):
     """A model id or folder that cannot be loaded."""
+
+
+class NonFiniteError(TokenFlowError):
+    """Latents that stopped being numbers (NaN/inf) during a run: nothing is published."""
+
+
+class StorageError(TokenFlowError):
+    """A folder the run needs cannot hold what it must write (full, read-only): names the folder and the fix."""

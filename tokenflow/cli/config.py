@@ -84,6 +84,10 @@ def validate_run(cfg: Any) -> None:
 
     for name in ("n_frames", "frame_stride", "n_steps", "keyframe_stride", "chunk_size"):
         positive(name)
+    seed = getattr(cfg, "seed", 0)
+    if seed is not None and not 0 <= seed < 2**63:
+        raise ConfigError(f"seed={seed} is outside 0..2^63-1 (what every random generator here accepts) — use a "
+                          "smaller non-negative integer")
     memo = getattr(cfg, "model_memo", 1)
     if memo is not None and memo < 0:
         raise ConfigError(f"model_memo={memo} must be >= 0 — use 0 to reload the model in every job")

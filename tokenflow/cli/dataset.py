@@ -162,14 +162,48 @@ def register_manifest_files(args: list[str]) -> list[str]:
                 raise ConfigError(f"dataset={value}: no such manifest file — check the path, or use a name in "
                                   "conf/dataset/")
             value = value if not path.is_absolute() else os.path.relpath(path)
-            content = OmegaConf.to_container(OmegaConf.load(path))
-            node = content if isinstance(content, dict) and "dataset" in content else {"dataset": content}
-            node.setdefault("hydra", SWEEP)
+            node = {"dataset": manifest_data(OmegaConf.to_container(OmegaConf.load(path)), value), "hydra": SWEEP}
             group, _, name = f"dataset/{value}".rpartition("/")
             ConfigStore.instance().store(group=group, name=name, node=node, package="_global_")
             arg = f"{key}={value}"
         out.append(arg)
     return out
+
+
+def manifest_data(content: Any, where: str = "dataset") -> dict[str, Any]:
+    """A manifest file's content as plain data, validated: the manifest itself (``items``, ``root``, ``name``),
+    either at the top level or under ``dataset:`` beside the documented ``hydra:`` sweep block; nothing else.
+
+    A manifest is data: any other key (``editor:``, ``defaults:``, ``hydra.callbacks``, ...), a ``_target_``
+    or an interpolation (``${...}``: resolvers have side effects) is refused in one line naming it, so nothing
+    in the file is ever instantiated or resolved."""
+    if not isinstance(content, dict):
+        raise ConfigError(f"dataset={where}: the file holds {type(content).__name__}, not a manifest — give `items:` "
+                          "(see conf/dataset/davis_sample.yaml)")
+    if "dataset" in content:
+        extra = sorted(set(content) - {"dataset", "hydra"})
+        if extra:
+            raise ConfigError(f"dataset={where}: unknown key {extra[0]!r} — a manifest file holds `dataset:` (items, "
+                              "root, name) and its `hydra:` sweep block only")
+        if "hydra" in content and content["hydra"] != SWEEP:
+            raise ConfigError(f"dataset={where}: the `hydra:` block may only be the sweep over the manifest's items "
+                              f"({SWEEP}) — settings of runs belong on the command line")
+        content = content["dataset"]
+    _refuse_interpolations(content, where)
+    load_dataset(content)  # items, root and name only: every unknown key is refused here
+    return content
+
+
+def _refuse_interpolations(value: Any, where: str, key: str = "dataset") -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_interpolations(v, where, f"{key}.{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _refuse_interpolations(v, where, f"{key}[{i}]")
+    elif isinstance(value, str) and "${" in value:
+        raise ConfigError(f"dataset={where}: {key}={value!r} is an interpolation — a manifest is data: write the value "
+                          "itself")
 
 
 def apply_item(cfg: DictConfig, given: set[str]) -> dict[str, Any]:

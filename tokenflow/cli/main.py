@@ -36,7 +36,7 @@ from tokenflow.cli.dataset import apply_item, register_manifest_files
 from tokenflow.cli.messages import user_error
 from tokenflow.cli.plugins import make_cwd_importable, register_class_options
 from tokenflow.cli.report import RunReport, SweepFailed, parse_overrides, save_config
-from tokenflow.cli.rundir import register_resolvers
+from tokenflow.cli.rundir import claimed_run_dir_args, register_resolvers
 from tokenflow.evaluation.provenance import run_manifest, write_manifest
 
 log = logging.getLogger("tokenflow")
@@ -166,6 +166,9 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
             report.metric(name, value, scores.definitions[name])
         if scores.meaningless:
             report.info["meaningless_metrics"] = scores.meaningless
+        if scores.withheld:
+            log.warning("metrics not reported: %s", scores.withheld)
+            report.info["metrics_withheld"] = scores.withheld
         report.metric("scoring_s", time.perf_counter() - t1, "wall seconds to compute the configured metrics (cfg.metrics)")
     report.metric("total_s", time.perf_counter() - t0)
     print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {report.metrics['total_s']:.1f}s "
@@ -182,6 +185,7 @@ class _Session:
     args: list[str]
     verbose: bool = False
     failure: BaseException | None = None  # a single run's error, raised after Hydra returns
+    failure_line: str | None = None       # its one line (None: a bug), as written to metrics.json
     models: ModelMemo = field(default_factory=ModelMemo)
 
     def job(self, cfg: DictConfig) -> None:
@@ -204,9 +208,9 @@ class _Session:
             write_manifest(out, run_manifest(cfg, command=report.command, started_at=report.started))
             self.run(cfg, out, report, self.models)
         except Exception as e:
-            line = user_error(e, self.args)
-            error = line or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (a bug: the traceback is " \
-                            f"in {out})"
+            line = user_error(e, self.args, _places(cfg, out))
+            error = line or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (a bug: " \
+                            f"{_save_traceback(e, out)})"
             try:
                 report.write(error)
             except OSError as write_error:
@@ -214,12 +218,38 @@ class _Session:
             if multirun and not self.verbose:
                 (log.error if line else log.exception)("job %s failed: %s", hc.job.num, error)
             elif not multirun:
-                self.failure = e  # raised by _main: Hydra would print its own "Error executing job" first
+                self.failure, self.failure_line = e, line  # raised by _main: Hydra would print its own "Error
+                # executing job" first
             else:
                 raise
             return None
         report.write()
         return None
+
+
+def _places(cfg: DictConfig, out: Path) -> dict[str, str]:
+    """The folders a run writes to, by what they are (named in the one line of a failed write)."""
+    import tempfile
+
+    from tokenflow.paths import default_cache_dir
+
+    cache = cfg.get("cache_dir") or default_cache_dir()
+    return {str(out): "the run folder", str(cache): "the cache folder (cache_dir=)",
+            tempfile.gettempdir(): "the temporary folder ($TMPDIR)"}
+
+
+def _save_traceback(error: BaseException, out: Path) -> str:
+    """Write ``error``'s traceback to ``out/traceback.txt``; returns where the traceback can be read."""
+    import traceback
+
+    from tokenflow.storage.atomic import atomic_file
+
+    try:
+        with atomic_file(out / "traceback.txt") as tmp:
+            tmp.write_text("".join(traceback.format_exception(error)))
+    except OSError:
+        return "its traceback could not be written to the run folder; rerun with verbose=true"
+    return f"the traceback is in {out / 'traceback.txt'}"
 
 
 def _main(task: str, run: RunFunction) -> Any:
@@ -233,10 +263,10 @@ def _main(task: str, run: RunFunction) -> Any:
         return session.job(cfg)
 
     try:
-        args = register_manifest_files(session.args)
-        if args != session.args:  # an absolute manifest path, made relative for Hydra
-            session.args = args
-            sys.argv = [sys.argv[0], *args]
+        session.args = register_manifest_files(session.args)  # an absolute manifest path, made relative for Hydra
+        hydra_args = claimed_run_dir_args(session.args)  # run folders named on the command line are claimed
+        if hydra_args != sys.argv[1:]:
+            sys.argv = [sys.argv[0], *hydra_args]
         register_class_options(session.args)
         os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's errors reach us as exceptions, not as its own printout
         hydra.main(version_base="1.3", config_path="pkg://tokenflow.conf", config_name=task)(task_function)()
@@ -247,7 +277,7 @@ def _main(task: str, run: RunFunction) -> Any:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        line = user_error(e, session.args)
+        line = session.failure_line if e is session.failure else user_error(e, session.args)
         if line is None or session.verbose or full_error:
             raise
         print(f"error: {line}", file=sys.stderr)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import re
+from collections.abc import Mapping
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, HydraException, MissingConfigException, OverrideParseException
@@ -15,12 +17,20 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from tokenflow.errors import TokenFlowError
 
-_USER_OS_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, errno.EDQUOT, errno.EFBIG)
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DENIED = (errno.EROFS, errno.EACCES, errno.EPERM)
+_NOT_A_FOLDER = (errno.ENOTDIR, errno.EEXIST, errno.EISDIR)
+_USER_OS_ERRORS = _FULL + _DENIED + _NOT_A_FOLDER
 
 
-def user_error(error: BaseException, args: list[str] | None = None) -> str | None:
-    """The one-line message for a user error, or None for a bug. ``args``: the command-line overrides."""
+def user_error(error: BaseException, args: list[str] | None = None,
+               places: Mapping[str, str] | None = None) -> str | None:
+    """The one-line message for a user error, or None for a bug. ``args``: the command-line overrides;
+    ``places``: folder -> what it is (``"the run folder"``), named when a write under it fails."""
     args = args or []
+    inner = _wrapped_user_error(error)
+    if inner is not None:  # ours (or the disk's) wrapped by Hydra's instantiate or an OmegaConf resolver
+        return user_error(inner, args, places)
     if isinstance(error, MissingMandatoryValue):
         key = getattr(error, "full_key", None) or "?"
         return f"{key} is not set — give it on the command line, e.g. {key}=..." + (
@@ -37,9 +47,67 @@ def user_error(error: BaseException, args: list[str] | None = None) -> str | Non
         key = getattr(error, "full_key", None)
         return f"{key}: {_first(error)} — fix that setting" if key else f"{_first(error)} — fix the configuration"
     if isinstance(error, OSError) and error.errno in _USER_OS_ERRORS:
-        where = f" '{error.filename}'" if error.filename else ""
-        return f"cannot write{where}: {error.strerror} — free disk space or choose a writable folder"
+        return disk_error(error, places)
+    if _out_of_memory(error):
+        return (f"the run ran out of memory ({_first(error)[:120]}) — lower height/width, n_frames or chunk_size, use "
+                "experiment=long_video, or raise the memory limit (ulimit -v)")
     return None
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    """An allocation that failed: MemoryError, torch's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if isinstance(error, MemoryError) or type(error).__name__ == "OutOfMemoryError":
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)
+
+
+def disk_error(error: OSError, places: Mapping[str, str] | None = None) -> str:
+    """One line for a failed write: which file, in which of ``places`` (the run folder, the cache, $TMPDIR), why,
+    and the fix that fits the errno."""
+    path = str(error.filename) if error.filename else None
+    role = _place(path, places or {}) if path else None
+    where = f"'{path}'" + (f" in {role}" if role else "") if path else "a file"
+    if error.errno in _FULL:
+        return f"cannot write {where}: {error.strerror} — free space on that disk or choose a folder on another one"
+    if error.errno in _DENIED:
+        return f"cannot write {where}: {error.strerror} — choose a folder you can write"
+    return f"cannot create {where}: {error.strerror} (a file stands where a folder is needed) — remove it or choose " \
+           "another folder"
+
+
+def _place(path: str, places: Mapping[str, str]) -> str | None:
+    """The role of the deepest folder of ``places`` that holds ``path``, with that folder."""
+    target = os.path.abspath(path)
+    best = None
+    for folder, role in places.items():
+        root = os.path.abspath(folder)
+        if (target == root or target.startswith(root.rstrip(os.sep) + os.sep)) and (best is None or len(root) > len(best[0])):
+            best = (root, role)
+    return f"{best[1]} {best[0]}" if best else None
+
+
+def _wrapped_user_error(error: BaseException) -> BaseException | None:
+    """The TokenFlowError (else user-facing OSError) that ``error`` wraps (its causes), if it is not one itself."""
+    if isinstance(error, TokenFlowError) or (isinstance(error, OSError) and error.errno in _USER_OS_ERRORS):
+        return None
+    found, cause, seen = None, _wrapped(error), set()
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, TokenFlowError):
+            return cause
+        if found is None and isinstance(cause, OSError) and cause.errno in _USER_OS_ERRORS:
+            found = cause
+        cause = _wrapped(cause)
+    return found
+
+
+def _wrapped(error: BaseException) -> BaseException | None:
+    """What ``error`` was raised from: its ``__cause__``; for Hydra's and OmegaConf's wrappers also the error being
+    handled when they were raised (never that of any other exception: a bug in an ``except`` block stays a bug)."""
+    if error.__cause__ is not None:
+        return error.__cause__
+    return error.__context__ if isinstance(error, (HydraException, OmegaConfBaseException)) else None
 
 
 def _missing_option(error: MissingConfigException) -> str:

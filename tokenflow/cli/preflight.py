@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from tokenflow.core.memory import (MemoryEstimate, ModelShape, RunShape, check_memory, current_rss,
                                    free_device_memory, free_host_memory, length_growth)
@@ -36,6 +38,20 @@ def check_settings(cfg: DictConfig) -> None:
         raise ConfigError(f"{unknown[0]}={cfg.get(unknown[0])}: tokenflow has no setting {unknown[0]!r} — check the "
                           f"spelling (settings: {', '.join(sorted(known))})")
     validate_run(cfg)
+    bad = next(nonfinite_settings(OmegaConf.to_container(cfg, resolve=True)), None)
+    if bad is not None:
+        raise ConfigError(f"{bad[0]}={bad[1]} is not a finite number — give a real value")
+
+
+def nonfinite_settings(node: Any, prefix: str = "") -> Iterator[tuple[str, float]]:
+    """(key, value) of every NaN or infinite float in a resolved config (nested keys dotted, list items [i])."""
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(node, list) else f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            yield name, value
+        else:
+            yield from nonfinite_settings(value, name)
 
 
 def video_path(value: str | None) -> str:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenflow.core.memory import peak_rss
 from tokenflow.evaluation import summary
 from tokenflow.evaluation.scores import PIPELINE_METRICS
-from tokenflow.storage.atomic import temp_path, write_json
+from tokenflow.storage.atomic import naming_failures, temp_path, write_json
 
 log = logging.getLogger("tokenflow")
 MB = 1 << 20
@@ -93,7 +93,8 @@ def save_config(cfg: DictConfig, folder: Path) -> Path:
         text = OmegaConf.to_yaml(cfg, resolve=True)
     except Exception:
         text = OmegaConf.to_yaml(cfg, resolve=False)
-    path.write_text(text)
+    with naming_failures(path):
+        path.write_text(text)
     return path
 
 

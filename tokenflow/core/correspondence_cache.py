@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from tokenflow.storage.atomic import atomic_file, write_json
+from tokenflow.storage.atomic import atomic_file, read_safetensors, write_json
 
 log = logging.getLogger(__name__)
 FORMAT = 1
@@ -67,7 +67,7 @@ class CorrespondenceRecord:
 
     def _table(self, timestep: int) -> dict[str, dict[tuple[int, int], Tensor]]:
         if self._loaded is None or self._loaded[0] != timestep:
-            tensors = load_file(str(self.folder / f"t{timestep}.safetensors"))
+            tensors = read_safetensors(self.folder / f"t{timestep}.safetensors")
             table: dict[str, dict[tuple[int, int], Tensor]] = {}
             for name in {k.rsplit(".", 1)[0] for k in tensors}:
                 pairs, index = tensors[f"{name}.pairs"], tensors[f"{name}.index"]

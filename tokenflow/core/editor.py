@@ -161,3 +161,8 @@ class KeyframeEditor(ABC):
     def step_end(self, latents: Tensor, step: Step) -> Tensor:
         """Adjust the new latents of the frames just stepped (e.g. P2P local blending); default unchanged."""
         return latents
+
+    @property
+    def guidance_weight(self) -> float | None:
+        """The guidance weight this editor applies, if any (named when a run's latents turn non-finite)."""
+        return None

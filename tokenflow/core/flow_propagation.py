@@ -38,14 +38,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from tokenflow.core.propagation import PropagationInputs, PropagationQuery, Propagator, paper_blend
 from tokenflow.errors import ConfigError, VideoError
 from tokenflow.options import choice
 from tokenflow.paths import default_cache_dir
-from tokenflow.storage.atomic import atomic_file
+from tokenflow.storage.atomic import atomic_file, read_safetensors
 
 log = logging.getLogger(__name__)
 FLOW_CACHE_FORMAT = 1
@@ -326,7 +326,7 @@ def _load(path: Path, latent_hw: tuple[int, int]) -> dict[Pair, PairFlow]:
     if not path.is_file():
         return {}
     try:
-        t = load_file(str(path))
+        t = read_safetensors(path)
         pairs, flow, consistent = t["pairs"], t["flow"], t["consistent"]
         if flow.shape[-2:] != latent_hw or not (len(pairs) == len(flow) == len(consistent)):
             raise ValueError(f"shapes {tuple(flow.shape)} / {tuple(consistent.shape)} for {len(pairs)} pairs")

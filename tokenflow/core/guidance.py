@@ -12,6 +12,7 @@ import logging
 from torch import Tensor
 
 from tokenflow.core.editor import Branch, EditInputs, KeyframeEditor, Step
+from tokenflow.core.numerics import check_finite_setting
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 
@@ -73,7 +74,11 @@ class GuidedEditor(KeyframeEditor):
 
     @property
     def guidance_scale(self) -> float:
-        return float(self.config.guidance_scale)  # type: ignore[attr-defined]
+        return check_finite_setting(self.config.guidance_scale, "editor.guidance_scale")  # type: ignore[attr-defined]
+
+    @property
+    def guidance_weight(self) -> float | None:
+        return self.guidance_scale
 
     @property
     def guided(self) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
@@ -155,6 +156,7 @@ class DDIMInverter(Inverter):
                 for _ in range(self.config.fixed_point):  # the noise where sampling will evaluate it: at x_t
                     x_t = model.ddim_step(x, model.predict_noise(x_t, t, text, image_latents=extra), t_prev, t)
                 x = x_t
+                check_latents(x, "DDIM inversion", i, len(grid), t, likely_cause(model.dtype))
                 if t in slab:
                     trajectory.write(slab[t], int(frames[0]), x.cpu())
                 bar.update(1)

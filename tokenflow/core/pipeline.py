@@ -8,6 +8,7 @@ none knows the others' internals. Usable without Hydra::
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from tokenflow.core.distributed import Ranks
 from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import DDIMInverter, Inverter
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
+from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationInputs, Propagator, TokenFlowPropagator
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
@@ -66,9 +68,14 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
     key = cache_key(video=video_fingerprint(video), model=model.fingerprint, inverter=inverter.settings(), prompt=prompt)
     if cache is not None:
         hit = cache.load(key)
-        if hit is not None:
+        problem = None if hit is None else entry_mismatch(hit, model, video, inverter, prompt)
+        if hit is not None and problem is None:
             log.info("inversion cache hit %s", key)
             return hit, True
+        if hit is not None:  # verified bytes, but not what this inversion computes (forged or foreign): recompute
+            log.warning("inversion cache entry %s does not match this inversion (%s): recomputing it", key, problem)
+            hit.trajectory.close()
+            cache.remove(key)
     clean = encode_video(model, video)
     shape = (len(set(inverter.kept_timesteps(model.scheduler))), *clean.shape)
     writer = cache.writer(key, shape) if cache is not None else None
@@ -86,6 +93,26 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
         writer.publish(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
                        size=[video.height, video.width])
     return result, False
+
+
+def entry_mismatch(entry: InversionResult, model, video: Video, inverter: Inverter, prompt: str) -> str | None:
+    """Why a loaded cache entry is not the inversion ``inverter`` would compute for ``video``, or None.
+
+    The checksum proves the file is what was written; this proves it is what was asked: the inverter's kept
+    timesteps (noisiest first), one latent per frame at the model's latent size, the same settings and prompt."""
+    expected = sorted(set(inverter.kept_timesteps(model.scheduler)), reverse=True)
+    if list(entry.timesteps) != expected:
+        return f"timesteps {entry.timesteps[:3]}... where the inverter keeps {expected[:3]}..."
+    factor = model.vae_scale_factor
+    shape = (video.n_frames, model.latent_channels, video.height // factor, video.width // factor)
+    if tuple(entry.clean.shape) != shape or tuple(entry.trajectory.shape) != (len(expected), *shape):
+        return f"latents {tuple(entry.trajectory.shape)} where the video needs {(len(expected), *shape)}"
+    if json.dumps(entry.settings, sort_keys=True, default=str) != json.dumps(inverter.settings(), sort_keys=True,
+                                                                             default=str):
+        return "other inverter settings"
+    if entry.prompt != prompt:
+        return f"inversion prompt {entry.prompt!r}"
+    return None
 
 
 def encode_video(model, video: Video) -> Tensor:
@@ -277,8 +304,10 @@ class TokenFlowPipeline:
         runtime.install(self.model.unet, self.layout)
         try:
             with torch.no_grad():
+                cause = likely_cause(self.model.dtype, self.editor.guidance_weight)
                 for i in tqdm(range(len(timesteps)), desc="TokenFlow editing", unit="step", disable=not progress):
                     x = self.denoise_step(runtime, x, inversion, i, timesteps, schedule[i], source)
+                    check_latents(x, "edit", i, len(timesteps), timesteps[i], cause)
             self.propagator.finish()
         finally:
             runtime.remove()

@@ -188,15 +188,19 @@ class Scores:
     values: dict[str, float]
     definitions: dict[str, str]
     meaningless: list[str] = field(default_factory=list)
+    withheld: str | None = None  # why no value is reported (a degenerate edit, e.g. every frame one flat colour)
 
     def merge_into(self, record: dict[str, Any]) -> dict[str, Any]:
         """Add these scores to a metrics.json record in place (``metrics``, ``definitions`` and, when any are
         meaningless, ``info.meaningless_metrics``); returns the record."""
         record.setdefault("metrics", {}).update(self.values)
         record.setdefault("definitions", {}).update(self.definitions)
-        if self.meaningless:
+        if self.meaningless or self.withheld:
             info = record.setdefault("info", {}) or {}
-            info["meaningless_metrics"] = sorted(set(info.get("meaningless_metrics", [])) | set(self.meaningless))
+            if self.meaningless:
+                info["meaningless_metrics"] = sorted(set(info.get("meaningless_metrics", [])) | set(self.meaningless))
+            if self.withheld:
+                info["metrics_withheld"] = self.withheld
             record["info"] = info
         return record
 
@@ -221,6 +225,9 @@ class MetricSuite:
             raise VideoError(f"edited frames {ed.shape} and source frames {src.shape} differ in shape — score the edit "
                              "at the source's size and length")
         m = None if masks is None else as_masks(masks, src.shape[0], src.shape[1:3])
+        if self.metrics and flat_frames(ed):  # consistency metrics would call it perfect: report nothing
+            return Scores({}, {}, withheld="every edited frame is a single flat colour (a degenerate edit): no metric "
+                                           "is meaningful on it")
         values: dict[str, float] = {}
         definitions: dict[str, str] = {}
         meaningless: list[str] = []
@@ -231,6 +238,12 @@ class MetricSuite:
             if metric.meaningless:
                 meaningless += list(out)
         return Scores(values, definitions, meaningless)
+
+
+def flat_frames(frames: np.ndarray) -> bool:
+    """Whether every frame of (N, H, W, 3) uint8 ``frames`` is one flat colour (e.g. the black frames of a NaN edit)."""
+    pixels = frames.reshape(frames.shape[0], -1, frames.shape[-1])
+    return bool((pixels.max(axis=1) == pixels.min(axis=1)).all())
 
 
 # --- weight-free metrics --------------------------------------------------------------------------
@@ -622,6 +635,71 @@ class DinoStructureMetric(ModelMetric):
 # --- suites from config ---------------------------------------------------------------------------
 
 
+#: The library's metrics by family name (the keys of ``conf/metrics/*.yaml``). A received run folder's
+#: ``metrics`` node is rebuilt from these by name (:func:`suite_from_data`), never by instantiating its ``_target_``s.
+METRIC_CLASSES: dict[str, type[VideoMetric]] = {cls.name: cls for cls in (
+    WarpErrorMetric, TrackMetric, BackgroundMetric, ClipMetric, DinoStructureMetric)}
+_SUITE_TARGET = f"{MetricSuite.__module__}.{MetricSuite.__qualname__}"
+_CONTEXT_KEYS = ("device", "cache_dir")  # the only interpolations a shipped metrics config holds
+
+
+def suite_from_data(node: Mapping[str, Any], context: Mapping[str, Any] | None = None,
+                    where: str = "metrics") -> MetricSuite:
+    """A :class:`MetricSuite` from a metrics node read from a file that is data (a run folder's config.yaml).
+
+    Each entry must name one of :data:`METRIC_CLASSES` by its ``_target_`` (the dotted path the library writes)
+    and hold plain settings (numbers, strings, booleans, lists of them); the class is looked up in the
+    registry and built with those settings, checked against its ``Config``. ``${device}`` and
+    ``${cache_dir}`` are filled from ``context``; any other interpolation, an unknown ``_target_`` or a
+    nested node is refused in one line naming the key, before anything is built.
+    """
+    context = {"device": "auto", "cache_dir": None, **(context or {})}
+    if not isinstance(node, Mapping):
+        raise ConfigError(f"{where} is {type(node).__name__}, not a mapping of metrics — rescore with --metrics "
+                          "<name or file>")
+    known = {f"{c.__module__}.{c.__qualname__}": c for c in METRIC_CLASSES.values()}
+    metrics: dict[str, VideoMetric] = {}
+    plans = []
+    for name, sub in node.items():
+        if name == "_target_":
+            if sub != _SUITE_TARGET:
+                raise ConfigError(f"{where}._target_={sub!r} is not {_SUITE_TARGET} — a metrics node from a run folder "
+                                  "is data: rescore with --metrics <name or file> to choose the metrics")
+            continue
+        target = sub.get("_target_") if isinstance(sub, Mapping) else None
+        if target not in known:
+            raise ConfigError(f"{where}.{name} names {target!r}, not one of the library's metrics "
+                              f"({', '.join(sorted(known))}) — rescore with --metrics <name or file>")
+        settings = {k: _plain_setting(v, f"{where}.{name}.{k}", context) for k, v in sub.items() if k != "_target_"}
+        plans.append((name, known[target], settings))
+    for name, cls, settings in plans:
+        schema = getattr(cls, "Config", None)
+        if schema is not None and is_dataclass(schema):
+            unknown = sorted(set(settings) - {f.name for f in fields(schema)})
+            if unknown:
+                raise ConfigError(f"{where}.{name} has no setting {unknown[0]!r} — valid settings: "
+                                  f"{sorted(f.name for f in fields(schema))}")
+        metrics[name] = cls(**settings)
+    return MetricSuite(**metrics)
+
+
+def _plain_setting(value: Any, key: str, context: Mapping[str, Any]) -> Any:
+    """``value`` if it is plain data (``${device}``/``${cache_dir}`` filled from ``context``); else ConfigError."""
+    if isinstance(value, list):
+        return [_plain_setting(v, f"{key}[{i}]", context) for i, v in enumerate(value)]
+    if isinstance(value, str) and "${" in value:
+        name = value[2:-1] if value.startswith("${") and value.endswith("}") else None
+        if name in _CONTEXT_KEYS:
+            return context.get(name)
+        raise ConfigError(f"{key}={value!r} is an interpolation — a run folder's config is data; rescore with "
+                          "--metrics <name or file> or set the value with KEY=VALUE")
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ConfigError(f"{key} is a {type(value).__name__}, not a plain setting — a run folder's config is data; "
+                      "rescore with --metrics <name or file>")
+
+
+
 def suite_node(spec: str | Mapping | Any) -> Any:
     """The config node of a suite: an option of ``conf/metrics`` (``default``, ``full``, ``tiny``, ``none``), a
     YAML file, or a node (dict / DictConfig) as given."""
@@ -651,16 +729,7 @@ def build_suite(spec: str | Mapping | Any = DEFAULT_SUITE, overrides: Sequence[s
     from hydra.utils import get_class, instantiate
     from omegaconf import OmegaConf
 
-    node = suite_node(spec)
-    for item in overrides:  # Hydra-style: key=value, +key=value, ~key
-        if item.startswith("~"):
-            parent, _, leaf = item[1:].partition("=")[0].rpartition(".")
-            target = OmegaConf.select(node, parent) if parent else node
-            if target is None or leaf not in target:
-                raise ConfigError(f"cannot remove {item[1:]!r}: the metrics config has no such key")
-            target.pop(leaf)
-        else:
-            node = OmegaConf.merge(node, OmegaConf.from_dotlist([item.lstrip("+")]))
+    node = _apply_overrides(suite_node(spec), overrides)
     root = OmegaConf.create({"device": "auto", "cache_dir": None, **(context or {})})
     root.metrics = node
     resolved = OmegaConf.to_container(root.metrics, resolve=True)
@@ -733,9 +802,11 @@ def recompute(run_dir: str | Path, metrics: MetricSuite | str | Mapping | None =
         raise VideoError(f"run '{run}' has no frames/ or edited.mp4 and input.mp4 — point at a finished run directory")
     source, edited = read_native(run / "input.mp4"), read_native(edited_path)
     if not isinstance(metrics, MetricSuite):
-        spec = metrics if metrics is not None else (cfg.get("metrics") or DEFAULT_SUITE)
         context = {"device": device or cfg.get("device") or "auto", "cache_dir": cfg.get("cache_dir")}
-        metrics = build_suite(spec, overrides, context)
+        if metrics is None and cfg.get("metrics") is not None:  # the run's own: data, rebuilt by name
+            metrics = suite_from_data(_with_overrides(cfg["metrics"], overrides), context, f"{run}/config.yaml: metrics")
+        else:  # what the user named (an option of conf/metrics or a YAML file of theirs)
+            metrics = build_suite(metrics if metrics is not None else DEFAULT_SUITE, overrides, context)
     if masks is not None and not isinstance(masks, np.ndarray):
         masks = load_masks(masks, source.n_frames, (source.height, source.width))
     text = cfg.get("prompt", "") if prompt is None else prompt
@@ -745,6 +816,31 @@ def recompute(run_dir: str | Path, metrics: MetricSuite | str | Mapping | None =
     record["info"]["metrics_recomputed_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json(run / "metrics.json", record)
     return record
+
+
+def _apply_overrides(node: Any, overrides: Sequence[str]) -> Any:
+    """``node`` (a DictConfig) with Hydra-style ``overrides`` applied: ``key=value``, ``+key=value``, ``~key``."""
+    from omegaconf import OmegaConf
+
+    for item in overrides:
+        if item.startswith("~"):
+            parent, _, leaf = item[1:].partition("=")[0].rpartition(".")
+            target = OmegaConf.select(node, parent) if parent else node
+            if target is None or leaf not in target:
+                raise ConfigError(f"cannot remove {item[1:]!r}: the metrics config has no such key")
+            target.pop(leaf)
+        else:
+            node = OmegaConf.merge(node, OmegaConf.from_dotlist([item.lstrip("+")]))
+    return node
+
+
+def _with_overrides(node: Any, overrides: Sequence[str]) -> Any:
+    """A plain metrics node with ``overrides`` applied (:func:`_apply_overrides`), unresolved."""
+    from omegaconf import OmegaConf
+
+    if not overrides:
+        return node
+    return OmegaConf.to_container(_apply_overrides(OmegaConf.create(node), overrides), resolve=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

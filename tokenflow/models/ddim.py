@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from tokenflow.errors import ModelLoadError
+from tokenflow.errors import ConfigError, ModelLoadError
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
@@ -32,6 +32,10 @@ def ddim_timesteps(scheduler, n_steps: int) -> list[int]:
     """The ``n_steps`` DDIM grid of ``scheduler``'s config, noisiest first (e.g. 981, 961, ..., 1 for 50)."""
     from diffusers import DDIMScheduler
 
+    trained = int(scheduler.config.get("num_train_timesteps", 1000))
+    if not 1 <= n_steps <= trained:
+        raise ConfigError(f"{n_steps} DDIM steps on a model trained with {trained} timesteps — use n_steps (and "
+                          f"inverter.n_steps) between 1 and {trained}")
     grid = DDIMScheduler.from_config(scheduler.config)  # a copy: never mutate the model's scheduler
     grid.set_timesteps(n_steps)
     return [int(t) for t in grid.timesteps]

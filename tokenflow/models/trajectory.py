@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Sequence
 import torch
 from torch import Tensor
 
-from tokenflow.errors import ConfigError
+from tokenflow.errors import ConfigError, StorageError
 
 Frames = Tensor | Sequence[int] | None
 
@@ -104,15 +104,25 @@ class FileTrajectory(Trajectory):
         self.file, self.offset, self.shape, self.dtype = file, int(offset), tuple(int(s) for s in shape), dtype
         self.channels_last = channels_last
         self.bytes_read = 0
+        self.temp_folder: str | None = None  # set for an anonymous temporary file: named when a write fails
 
     @classmethod
     def temporary(cls, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                   folder: str | os.PathLike | None = None) -> "FileTrajectory":
         """In an anonymous file (no name: gone when closed or when the process dies) in ``folder``
         (default: the system's temporary folder, ``$TMPDIR``)."""
-        fh = tempfile.TemporaryFile(dir=folder)
-        fh.truncate(_numel(shape) * _itemsize(dtype))
-        return cls(fh, 0, shape, dtype)
+        where = str(folder if folder is not None else tempfile.gettempdir())
+        store = None
+        try:
+            fh = tempfile.TemporaryFile(dir=folder)
+            store = cls(fh, 0, shape, dtype)
+            store.temp_folder = where
+            fh.truncate(store.nbytes)
+        except OSError as e:
+            if store is not None:
+                store.close()
+            raise _temp_full(where, _numel(shape) * _itemsize(dtype), e) from e
+        return store
 
     @property
     def nbytes(self) -> int:
@@ -145,9 +155,14 @@ class FileTrajectory(Trajectory):
         if start < 0 or start + len(rows) > self.shape[1] or tuple(rows.shape[1:]) != self.shape[2:]:
             raise IndexError(f"rows {tuple(rows.shape)} at frame {start} do not fit a trajectory of shape {self.shape}")
         view, at = _bytes(rows), self._row(i, start)
-        while len(view):
-            written = os.pwritev(self.file.fileno(), [view], at)
-            view, at = view[written:], at + written
+        try:
+            while len(view):
+                written = os.pwritev(self.file.fileno(), [view], at)
+                view, at = view[written:], at + written
+        except OSError as e:
+            if self.temp_folder is None:
+                raise
+            raise _temp_full(self.temp_folder, self.nbytes, e) from e
 
     def _pread(self, buffer: memoryview, at: int) -> None:
         want = len(buffer)
@@ -227,6 +242,13 @@ class InversionResult:
     def __repr__(self) -> str:
         return (f"InversionResult(timesteps={self.timesteps[:3]}..({len(self.timesteps)}), "
                 f"trajectory={type(self.trajectory).__name__}{self.trajectory.shape}, prompt={self.prompt!r})")
+
+
+def _temp_full(folder: str, nbytes: int, error: OSError) -> StorageError:
+    """The one line for a temporary trajectory file that cannot be written in ``folder``."""
+    return StorageError(f"cannot write the inversion trajectory ({nbytes / 2**20:.1f} MiB) in the temporary folder "
+                        f"{folder} ($TMPDIR): {error.strerror or error} — free space there or set TMPDIR= to a folder "
+                        "on a disk with room")
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -14,10 +14,11 @@ import os
 import re
 import shutil
 import socket
+import stat
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"  # every temporary file's name starts with "." and contains this
@@ -40,6 +41,47 @@ def _fsync(path: Path) -> None:
         os.fsync(fh.fileno())
 
 
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for binary reading only if it is a regular file: a FIFO or device in its place (which a plain
+    ``open`` would block on forever, or read without end) raises ``NotRegularFileError``; a missing file raises
+    FileNotFoundError as ``open`` does. Opened non-blocking, checked with ``fstat``, then made blocking again."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFileError(f"{path} is not a regular file (mode {stat.filemode(mode)})")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of a safetensors file the library wrote, read through :func:`open_regular` (never a FIFO)."""
+    from safetensors.torch import load
+
+    with open_regular(path) as fh:
+        return load(fh.read())
+
+
+class NotRegularFileError(OSError):
+    """A FIFO, socket or device where a data file the library wrote should be."""
+
+
+@contextlib.contextmanager
+def naming_failures(path: str | os.PathLike) -> Iterator[None]:
+    """Give an OSError raised inside the block without a file name (a buffered write's ``close()`` on a full
+    disk: ``[Errno 28] No space left on device``) the name ``path``, so the user learns which file did not fit."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike, suffix: str = "", check: Callable[[Path], None] | None = None) -> Iterator[Path]:
     """Yield a temporary path to write; on success ``check`` it, fsync it and rename it over ``dest``.
@@ -51,7 +93,8 @@ def atomic_file(dest: str | os.PathLike, suffix: str = "", check: Callable[[Path
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(dest, suffix)
     try:
-        yield tmp
+        with naming_failures(dest):
+            yield tmp
         if not tmp.is_file():
             raise OSError(f"nothing was written to {tmp}")
         if check is not None:

@@ -30,8 +30,8 @@ from typing import Any, BinaryIO
 import torch
 from safetensors.torch import save_file
 
-from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings
-from tokenflow.storage.atomic import atomic_file, remove_stale, temp_path
+from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings, Trajectory
+from tokenflow.storage.atomic import atomic_file, open_regular, remove_stale, temp_path
 
 log = logging.getLogger(__name__)
 CACHE_FORMAT = 3  # 3: checksum over tensors and manifest, tensor layouts kept
@@ -106,7 +106,7 @@ class InversionCache:
         which is kept open: what was verified is what the slab reads return."""
         path = self.path(key)
         try:
-            fh = open(path, "rb")
+            fh = open_regular(path)
         except FileNotFoundError:
             return None
         except OSError as e:
@@ -151,6 +151,13 @@ class InversionCache:
             return None
         return self.path(key)
 
+    def remove(self, key: str) -> None:
+        """Delete the entry of ``key`` (nothing if absent or undeletable: a later write replaces it anyway)."""
+        try:
+            self.path(key).unlink(missing_ok=True)
+        except OSError:
+            pass
+
     def remove_stale(self) -> list[Path]:
         """Delete temporary files left by killed processes (see :func:`tokenflow.storage.atomic.remove_stale`)."""
         return remove_stale(self.directory)
@@ -171,21 +178,32 @@ class EntryWriter:
     def __init__(self, dest: Path, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> None:
         self.dest, self.tmp = dest, temp_path(dest)
         self.file = open(self.tmp, "w+b")
-        self.trajectory = FileTrajectory(self.file, 8 + HEADER_ROOM, shape, dtype)
+        self.failed: OSError | None = None
+        self.file_trajectory = FileTrajectory(self.file, 8 + HEADER_ROOM, shape, dtype)
+        self.trajectory: Trajectory = _DroppingTrajectory(self)
         try:
-            self.file.truncate(8 + HEADER_ROOM + self.trajectory.nbytes)
+            self.file.truncate(8 + HEADER_ROOM + self.file_trajectory.nbytes)
         except OSError:
             self.discard()
             raise
 
+    def drop(self, error: OSError) -> None:
+        """A write into the entry failed (the cache's disk is full): warn once, remove the temporary, write no more."""
+        if self.failed is None:
+            self.failed = error
+            _warn_unwritable(self.dest.parent, error)
+            self.discard()
+
     def publish(self, key: str, result: InversionResult, **info: Any) -> Path | None:
         """Complete the entry for ``result`` (whose latents were written into this writer's ``trajectory``) and
         rename it to its final name; on a write failure (full disk) warn, drop the entry and return None."""
+        if self.failed is not None:
+            return None
         small = {name: t.detach().cpu() for name, t in _small_tensors(result).items()}
         strides = _strides(small)
         small = {name: t.contiguous() for name, t in small.items()}
         fd, base = self.file.fileno(), 8 + HEADER_ROOM
-        traj = self.trajectory
+        traj = self.file_trajectory
         entries = {"latents": {"dtype": CODES[traj.dtype], "shape": list(traj.shape), "data_offsets": [0, traj.nbytes]}}
         end = traj.nbytes
         try:
@@ -221,6 +239,25 @@ class EntryWriter:
             self.tmp.unlink(missing_ok=True)
         except OSError:
             pass
+
+
+class _DroppingTrajectory(Trajectory):
+    """The entry's trajectory as the inverter sees it: a write that fails drops the entry (:meth:`EntryWriter.drop`)
+    instead of failing the inversion — the cache is an optimisation, the run goes on without it."""
+
+    def __init__(self, writer: EntryWriter) -> None:
+        self.writer, self.shape, self.dtype = writer, writer.file_trajectory.shape, writer.file_trajectory.dtype
+
+    def read(self, i: int, frames: Any = None) -> torch.Tensor:
+        return self.writer.file_trajectory.read(i, frames)
+
+    def write(self, i: int, start: int, rows: torch.Tensor) -> None:
+        if self.writer.failed is not None:
+            return
+        try:
+            self.writer.file_trajectory.write(i, start, rows)
+        except OSError as e:
+            self.writer.drop(e)
 
 
 def _open_entry(fh: BinaryIO, key: str) -> InversionResult:
