@@ -320,3 +320,31 @@ def test_device_and_dtype_resolution():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+BUILD = """
+import sys, torch
+torch.set_num_threads(int(sys.argv[2]))
+from pathlib import Path
+from tokenflow.models.tiny import build_tiny_pipeline
+build_tiny_pipeline(Path(sys.argv[1]))
+"""
+
+
+def test_the_tiny_model_is_the_same_bytes_whatever_the_thread_count(tmp_path):
+    """Two machines (or one with another OMP_NUM_THREADS) build the same files under the same cache key."""
+    import os
+    import subprocess
+    import sys
+
+    folders = []
+    for threads in (1, 2):
+        folder = tmp_path / f"threads-{threads}"
+        folder.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        subprocess.run([sys.executable, "-c", BUILD, str(folder), str(threads)], check=True, env=env, timeout=600)
+        folders.append(folder)
+    files = [{p.relative_to(f): p.read_bytes() for p in sorted(f.rglob("*")) if p.is_file()} for f in folders]
+    assert files[0].keys() == files[1].keys() and any(k.suffix == ".safetensors" for k in files[0])
+    differing = [str(k) for k in files[0] if files[0][k] != files[1][k]]
+    assert not differing, differing

@@ -14,6 +14,7 @@ from tokenflow.errors import ConfigError, VideoError
 from tokenflow.storage.video import (
     Video,
     frames_from_tensor,
+    probe_video,
     read_video,
     target_size,
     video_fingerprint,
@@ -283,3 +284,56 @@ def test_round_frames_down_keeps_whole_chunks():
     assert round_frames_down(video, 1) is video
     with pytest.raises(ConfigError, match="19 frames down to a multiple of 20 leaves none"):
         round_frames_down(video, 20)
+
+
+# ---- frame rates and display rotation --------------------------------------------------------------
+@pytest.mark.parametrize("fps", [0, -5.0, float("nan"), float("inf")])
+def test_a_frame_rate_must_be_positive_and_finite(fps: float, tmp_path: Path) -> None:
+    from tokenflow.storage.video import Video, VideoWriter
+
+    frames = np.zeros((2, 64, 64, 3), np.uint8)
+    with pytest.raises(ConfigError, match=r"Video.fps=.* is not a frame rate — give a positive number"):
+        Video(frames, fps=fps)
+    with pytest.raises(ConfigError, match=r"fps=.* is not a frame rate"):
+        write_video(tmp_path / "x.mp4", frames, fps)  # the value is named, not the disk blamed
+    with pytest.raises(ConfigError, match=r"fps=.* is not a frame rate"):
+        VideoWriter(tmp_path / "y.mp4", fps)
+    with pytest.raises(ConfigError, match=r"fps=.* is not a frame rate"):
+        read_video(tmp_path, fps=fps)
+    assert not list(tmp_path.iterdir())
+
+
+def _ffmpeg(*args: str) -> None:
+    import subprocess
+
+    import imageio_ffmpeg
+
+    subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-v", "error", "-y", *args], check=True, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def marked_clip(tmp_path_factory) -> tuple[np.ndarray, Path]:
+    """A 64x128 (h x w) clip, dark with a bright block in its top-left corner, as stored in a phone video."""
+    frames = np.full((3, 64, 128, 3), 30, np.uint8)
+    frames[:, :24, :32] = 230
+    path = tmp_path_factory.mktemp("rotation") / "plain.mp4"
+    write_video(path, frames, 10.0)
+    return frames, path
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("degrees, turns", [(90, 1), (180, 2), (270, 3), (-90, 3)])
+def test_rotated_clips_are_read_upright(marked_clip, degrees: int, turns: int, backend: str, tmp_path: Path) -> None:
+    """A display-rotated clip (the display matrix a phone writes) reads as a player shows it: the stored frames
+    turned counter-clockwise by the rotation (what ffmpeg's autorotate shows), its header giving that size."""
+    frames, plain = marked_clip
+    rotated = tmp_path / "rotated.mp4"
+    _ffmpeg("-display_rotation", str(degrees), "-i", str(plain), "-c", "copy", str(rotated))
+    upright = np.rot90(frames, turns, axes=(1, 2))
+    info = probe_video(rotated)
+    assert (info.height, info.width, info.rotation) == (*upright.shape[1:3], (turns * 90) % 360)
+    video = read_video(rotated, backend=backend, height=info.height, width=info.width)
+    assert video.frames.shape == upright.shape
+    assert np.abs(video.frames.astype(int) - upright.astype(int)).mean() < 6  # H.264, the block where it is shown
+    default = read_video(rotated, backend=backend)  # default sizing follows the displayed aspect (portrait here)
+    assert (default.height > default.width) == (upright.shape[1] > upright.shape[2])

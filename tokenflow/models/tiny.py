@@ -31,7 +31,7 @@ from tokenflow.errors import ModelLoadError
 from tokenflow.models.variants import Checkpoint, checkpoint, tiny
 
 # 3: tiny variants of real checkpoints (sd15, sd21-base, sd21, sdxl) replace the hand-made SD-shaped build
-TINY_FORMAT_VERSION = 3
+TINY_FORMAT_VERSION = 4  # 4: the latent-scale calibration is the same whatever the thread count
 DEFAULT_TINY_VARIANT = "sd21-base"  # the official TokenFlow's backbone (SD 2.1-base)
 
 
@@ -176,12 +176,20 @@ def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
     Real VAEs give latents whose std times the published scaling factor is about 1; a random VAE does
     not. The mean rows of ``quant_conv`` are scaled by s and ``post_quant_conv`` by 1/s, so decoding
     the new latents gives what the random decoder gave before.
+
+    The same bytes on every machine: the forward runs on one thread (a sum's order, hence its last bits,
+    follows the thread count) and s is rounded to 4 significant digits (kernels of other CPUs differ by ~1e-7).
     """
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
     images = torch.nn.functional.interpolate(coarse, size=(128, 128), mode="bicubic", align_corners=False).clamp(-1, 1)
-    std = vae.encode(images).latent_dist.mean.std().item()
-    s = 1.0 / (std * float(vae.config.scaling_factor))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        std = vae.encode(images).latent_dist.mean.double().std().item()
+    finally:
+        torch.set_num_threads(threads)
+    s = float(f"{1.0 / (std * float(vae.config.scaling_factor)):.4g}")
     c = int(vae.config.latent_channels)
     vae.quant_conv.weight[:c].mul_(s)
     vae.quant_conv.bias[:c].mul_(s)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
+import math
 import os
 import subprocess
 import sys
@@ -16,13 +18,16 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.storage.atomic import atomic_dir, atomic_file, temp_path
+from tokenflow.storage.atomic import atomic_dir, atomic_file, naming_failures, temp_path
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 BACKENDS = ("auto", "decord", "pyav")
@@ -41,6 +46,7 @@ class Video:
 
     def __post_init__(self) -> None:
         _check_frames(self.frames, "Video.frames")
+        self.fps = check_fps(self.fps, "Video.fps")
 
     @property
     def n_frames(self) -> int:
@@ -110,8 +116,7 @@ def read_video(
     _check_sizes(height, width, short_side)
     if backend not in BACKENDS:
         raise ConfigError(f"backend={backend!r} is unknown — use one of {', '.join(BACKENDS)}")
-    if fps <= 0:
-        raise ConfigError(f"fps={fps} must be positive — pass e.g. fps=10.0")
+    check_fps(fps, "fps")
     p = Path(path)
     if not p.exists():
         raise VideoError(f"video not found: '{p}' — check the path (relative paths are resolved against {Path.cwd()})")
@@ -119,10 +124,13 @@ def read_video(
     if p.is_dir():
         return Video(frames=_read_folder(p, n_frames, stride, start, size), fps=float(fps), source=str(p))
     with _native_stderr_silenced():  # the decoders' own FFmpeg logging: our errors say what went wrong
-        probe_video(p)  # a clear error for what is not a readable video
+        info = probe_video(p)  # a clear error for what is not a readable video
+        if info.rotation:
+            log.info("'%s' is displayed rotated by %d degrees: reading its frames upright (%dx%d)", p, info.rotation,
+                     info.height, info.width)
         if _pick_backend(backend) == "decord":
             try:
-                frames, rate = _read_decord(p, n_frames, stride, start, size)
+                frames, rate = _read_decord(p, n_frames, stride, start, size, fps)
             except VideoError:
                 if backend != "auto":
                     raise
@@ -137,9 +145,10 @@ class VideoInfo:
     """What a clip's header says: frame count (None when the container does not store it), size, rate."""
 
     n_frames: int | None
-    height: int
+    height: int        # as displayed: the stored frame turned by ``rotation``
     width: int
     fps: float | None
+    rotation: int = 0  # degrees counter-clockwise a player turns the stored frames by (display matrix): 0/90/180/270
 
 
 def probe_video(path: str | os.PathLike) -> VideoInfo:
@@ -173,6 +182,7 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
             h, w = stream.codec_context.height, stream.codec_context.width
             rate = stream.average_rate or stream.guessed_rate
             n = int(stream.frames) or (1 if container.format.name.endswith("_pipe") else None)  # one image
+            rotation = _first_frame_rotation(container, stream)
     except VideoError:
         raise
     except Exception as exc:
@@ -181,7 +191,29 @@ def probe_video(path: str | os.PathLike) -> VideoInfo:
                          "export it again as mp4") from exc
     if not h or not w:
         raise VideoError(f"'{p}' has a video stream without a frame size — the file is damaged; export it again")
-    return VideoInfo(n, int(h), int(w), float(rate) if rate else None)
+    if rotation % 180:
+        h, w = w, h
+    return VideoInfo(n, int(h), int(w), float(rate) if rate else None, rotation)
+
+
+def _first_frame_rotation(container: Any, stream: Any) -> int:
+    """The display rotation of the stream's first frame (PyAV's ``frame.rotation``, from the display matrix),
+    as 0, 90, 180 or 270 degrees counter-clockwise; 0 when no frame decodes (the read reports that)."""
+    try:
+        frame = next(container.decode(stream))
+    except Exception:
+        return 0
+    return _quarter_turns(getattr(frame, "rotation", 0)) * 90
+
+
+def _quarter_turns(rotation: Any) -> int:
+    """Counter-clockwise quarter turns (0-3) of a display rotation in degrees (PyAV reports -90 for 270)."""
+    return round(float(rotation or 0) / 90) % 4
+
+
+def _upright(frame: np.ndarray, turns: int) -> np.ndarray:
+    """``frame`` turned ``turns`` quarter turns counter-clockwise, as players display a rotated clip."""
+    return np.ascontiguousarray(np.rot90(frame, turns)) if turns else frame
 
 
 def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path:
@@ -193,8 +225,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float) -> Path
     p = Path(path)
     if p.suffix.lower() != ".mp4":
         raise ConfigError(f"write_video writes H.264 mp4, got '{p}' — use a path ending in .mp4")
-    if fps <= 0:
-        raise ConfigError(f"fps={fps} must be positive — pass the source clip's fps")
+    check_fps(fps, "fps")
     _check_frames(frames, "frames")
     n, h, w = frames.shape[:3]
     _check_writable_size(h, w)
@@ -307,9 +338,7 @@ class VideoWriter:
         self.path = Path(path)
         if self.path.suffix.lower() != ".mp4":
             raise ConfigError(f"VideoWriter writes H.264 mp4, got '{self.path}' — use a path ending in .mp4")
-        if fps <= 0:
-            raise ConfigError(f"fps={fps} must be positive — pass the source clip's fps")
-        self.fps, self.n_frames, self.size = float(fps), 0, None
+        self.fps, self.n_frames, self.size = check_fps(fps, "fps"), 0, None
         self._proc: subprocess.Popen | None = None
         self._log = self._tmp = None
 
@@ -417,7 +446,8 @@ class FrameWriter:
         for frame in frames:
             name = f"{self.n_frames:05d}.png"
             if self._tmp is not None:
-                Image.fromarray(np.ascontiguousarray(frame)).save(self._tmp / name, format="PNG")
+                with naming_failures(self.folder / name):  # PIL's close() drops the name of a file that did not fit
+                    Image.fromarray(np.ascontiguousarray(frame)).save(self._tmp / name, format="PNG")
             else:
                 with atomic_file(self.folder / name) as tmp:
                     Image.fromarray(np.ascontiguousarray(frame)).save(tmp, format="PNG")
@@ -455,6 +485,31 @@ def video_fingerprint(video: Video) -> str:
     h.update(f"{tuple(video.frames.shape)}|{video.frames.dtype}|{float(video.fps)!r}|".encode())
     h.update(memoryview(np.ascontiguousarray(video.frames)).cast("B"))
     return h.hexdigest()
+
+
+def check_fps(fps: Any, name: str) -> float:
+    """``fps`` as a float, or a ConfigError when it is not a positive finite number of frames per second."""
+    try:
+        value = float(fps)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{name}={fps} is not a frame rate — give a positive number of frames per second "
+                          "(the source clip's, e.g. 30.0)")
+    return value
+
+
+def _clip_rate(rate: Any, fallback: float, path: Path) -> float:
+    """A decoder's frame rate, or ``fallback`` with a warning when the container stores none that is usable."""
+    try:
+        value = float(rate)
+    except (TypeError, ValueError):
+        value = math.nan
+    if math.isfinite(value) and value > 0:
+        return value
+    log.warning("'%s' stores no usable frame rate (%s): using fps=%g — pass fps= to read_video for another", path,
+                rate, fallback)
+    return float(fallback)
 
 
 def _round64(x: float) -> int:
@@ -546,12 +601,14 @@ def _read_folder(folder: Path, n_frames: int | None, stride: int, start: int, si
     return _fit(load(), size)
 
 
-def _read_decord(path: Path, n_frames: int | None, stride: int, start: int, size: tuple) -> tuple[np.ndarray, float]:
+def _read_decord(path: Path, n_frames: int | None, stride: int, start: int, size: tuple,
+                 fps: float = 10.0) -> tuple[np.ndarray, float]:
+    """Frames with decord (which turns display-rotated clips upright itself, as players do: tested)."""
     import decord
 
     try:
         reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-        total, rate = len(reader), float(reader.get_avg_fps())
+        total, rate = len(reader), _clip_rate(reader.get_avg_fps(), fps, path)
     except Exception as exc:
         raise VideoError(f"decord cannot open '{path}' — the file may be damaged or in a format decord lacks; "
                          "check it with ffprobe or use backend='pyav'") from exc
@@ -603,10 +660,11 @@ def _read_pyav(path: Path, n_frames: int | None, stride: int, start: int, size: 
                 raise VideoError(f"'{path}' has no video stream — pass a video file")
             stream = container.streams.video[0]
             stream.thread_type = "AUTO"
-            rate = float(stream.average_rate or stream.guessed_rate or fps)
+            rate = _clip_rate(stream.average_rate or stream.guessed_rate, fps, path)
             for frame in container.decode(stream):
                 if total >= start and (total - start) % stride == 0:
-                    kept.append(_fit([frame.to_ndarray(format="rgb24")], size)[0])
+                    picture = _upright(frame.to_ndarray(format="rgb24"), _quarter_turns(getattr(frame, "rotation", 0)))
+                    kept.append(_fit([picture], size)[0])
                 total += 1
                 if last is not None and total > last:
                     break
