@@ -62,36 +62,35 @@ class ModelShape:
     element_size: int                       # bytes per element of the UNet's compute dtype
     vae_element_size: int = 4               # ... of the VAE's (SD VAEs run in float32 when upcast)
     weights_bytes: int = 0                  # parameters and buffers (already resident when estimating)
+    self_attention_levels: tuple[int, ...] = ()  # the level of every self-attention layer (UNetLayout), in order
 
     @classmethod
     def from_model(cls, model: Any) -> "ModelShape":
-        """From a :class:`~tokenflow.models.DiffusionModel` (its UNet and VAE configs)."""
+        """From a :class:`~tokenflow.models.DiffusionModel` (its UNet and VAE configs, its UNet's layout)."""
         weights = sum(t.numel() * t.element_size() for part in (model.unet, model.vae, model.text_encoder)
                       if part is not None for t in list(part.parameters()) + list(part.buffers()))
         shape = cls.from_configs(dict(model.unet.config), dict(model.vae.config), int(model.unet.dtype.itemsize),
-                                 int(model.vae_dtype.itemsize), int(weights))
+                                 int(model.vae_dtype.itemsize), int(weights), unet_module=model.unet)
         return replace(shape, vae_scale=int(model.vae_scale_factor))
 
     @classmethod
     def from_configs(cls, unet: dict[str, Any], vae: dict[str, Any], element_size: int, vae_element_size: int = 4,
-                     weights_bytes: int = 0) -> "ModelShape":
-        """From the UNet's and VAE's config dicts (``config.json`` of a diffusers folder: no weights needed)."""
+                     weights_bytes: int = 0, unet_module: Any = None) -> "ModelShape":
+        """From the UNet's and VAE's config dicts (``config.json`` of a diffusers folder: no weights needed; the
+        self-attention layers are those of :class:`~tokenflow.models.layout.UNetLayout` on ``unet_module``, or on
+        the UNet built from ``unet`` on the meta device)."""
         layers = unet["layers_per_block"]
         layers = layers if isinstance(layers, int) else max(layers)
         return cls(tuple(unet["block_out_channels"]), tuple("Attn" in t for t in unet["down_block_types"]),
                    int(layers), int(unet["in_channels"]), 2 ** (len(vae["block_out_channels"]) - 1),
-                   tuple(vae["block_out_channels"]), element_size, vae_element_size, weights_bytes)
+                   tuple(vae["block_out_channels"]), element_size, vae_element_size, weights_bytes,
+                   self_attention_levels(unet_module if unet_module is not None else unet))
 
     def self_attention_tokens(self, h: int, w: int) -> int:
-        """sum over self-attention layers of tokens x channels, for latents (h, w): what a keyframe stores."""
-        total = 0
-        for level, (c, attn) in enumerate(zip(self.unet_channels, self.unet_attention)):
-            if attn:
-                s = _level_tokens(h, w, level)
-                total += (2 * self.unet_layers + 1) * s * c  # down (L) + up (L + 1) transformer blocks
-        deepest = len(self.unet_channels) - 1
-        total += _level_tokens(h, w, deepest) * self.unet_channels[deepest]  # the mid block
-        return total
+        """Sum over the UNet's self-attention layers (every transformer block's ``attn1``, as
+        :class:`~tokenflow.models.layout.UNetLayout` lists them: SDXL's 2 and 10 per block included) of
+        tokens x channels at the layer's level, for latents (h, w): what a keyframe stores per branch."""
+        return sum(_level_tokens(h, w, level) * self.unet_channels[level] for level in self.self_attention_levels)
 
 
 @dataclass(frozen=True)
@@ -134,6 +133,21 @@ class MemoryEstimate:
     def describe(self) -> str:
         top = sorted(self.parts.items(), key=lambda kv: -kv[1])[:3]
         return f"{self.phase}: " + ", ".join(f"{name} {_gib(b)}" for name, b in top)
+
+
+def self_attention_levels(unet: Any) -> tuple[int, ...]:
+    """The level (2x downsamplings before it) of each self-attention layer of a UNet module, or of the UNet a
+    config dict describes (built on the meta device: no memory, no weights)."""
+    from tokenflow.models.layout import UNetLayout
+
+    if isinstance(unet, dict):
+        import torch
+        from diffusers import UNet2DConditionModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config({k: v for k, v in unet.items() if not k.startswith("_")})
+    layout = UNetLayout.from_unet(unet)
+    return tuple(layout.level[name] for name in layout.self_attention)
 
 
 def unet_working_set(m: ModelShape, h: int, w: int, batch: int) -> int:
@@ -269,13 +283,19 @@ def peak_rss() -> int:
 
 
 def free_host_memory() -> int:
-    """Bytes this process may still allocate: the system's available memory, capped by a cgroup limit."""
+    """Bytes this process may still allocate: the system's available memory, capped by a cgroup limit and by
+    the process's address-space limit (``ulimit -v``, RLIMIT_AS) less the address space it already maps."""
+    import resource
+
     import psutil
 
     free = int(psutil.virtual_memory().available)
     limit, used = _read_int(Path("/sys/fs/cgroup/memory.max")), _read_int(Path("/sys/fs/cgroup/memory.current"))
     if limit is not None and used is not None:
         free = min(free, max(0, limit - used))
+    cap = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if cap != resource.RLIM_INFINITY:
+        free = min(free, max(0, cap - int(psutil.Process().memory_info().vms)))
     return free
 
 
