@@ -326,8 +326,10 @@ BUILD = """
 import sys, torch
 torch.set_num_threads(int(sys.argv[2]))
 from pathlib import Path
+from tokenflow.models.loading import load_model
 from tokenflow.models.tiny import build_tiny_pipeline
 build_tiny_pipeline(Path(sys.argv[1]))
+print("fingerprint", load_model(sys.argv[1], device="cpu", dtype="float32").fingerprint)
 """
 
 
@@ -337,13 +339,16 @@ def test_the_tiny_model_is_the_same_bytes_whatever_the_thread_count(tmp_path):
     import subprocess
     import sys
 
-    folders = []
+    folders, fingerprints = [], []
     for threads in (1, 2):
         folder = tmp_path / f"threads-{threads}"
         folder.mkdir()
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        subprocess.run([sys.executable, "-c", BUILD, str(folder), str(threads)], check=True, env=env, timeout=600)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+        done = subprocess.run([sys.executable, "-c", BUILD, str(folder), str(threads)], check=True, env=env,
+                              timeout=600, capture_output=True, text=True)
+        fingerprints.append([line for line in done.stdout.splitlines() if line.startswith("fingerprint ")])
         folders.append(folder)
+    assert len(fingerprints[0]) == 1 and fingerprints[0] == fingerprints[1], fingerprints  # the same model_fingerprint
     files = [{p.relative_to(f): p.read_bytes() for p in sorted(f.rglob("*")) if p.is_file()} for f in folders]
     assert files[0].keys() == files[1].keys() and any(k.suffix == ".safetensors" for k in files[0])
     differing = [str(k) for k in files[0] if files[0][k] != files[1][k]]

@@ -337,3 +337,19 @@ def test_rotated_clips_are_read_upright(marked_clip, degrees: int, turns: int, b
     assert np.abs(video.frames.astype(int) - upright.astype(int)).mean() < 6  # H.264, the block where it is shown
     default = read_video(rotated, backend=backend)  # default sizing follows the displayed aspect (portrait here)
     assert (default.height > default.width) == (upright.shape[1] > upright.shape[2])
+
+
+def test_a_clip_without_a_usable_frame_rate_reads_at_the_fallback(clip: np.ndarray, tmp_path: Path, caplog) -> None:
+    """An mp4 whose sample durations are all 0 (decord then reports fps nan) reads at ``fps=`` with a warning."""
+    import struct
+
+    data = bytearray(write_video(tmp_path / "timed.mp4", clip[:4], fps=20.0).read_bytes())
+    at = data.find(b"stts")
+    for k in range(struct.unpack(">I", data[at + 8 : at + 12])[0]):  # every (count, delta) entry: delta 0
+        struct.pack_into(">I", data, at + 16 + 8 * k, 0)
+    untimed = tmp_path / "untimed.mp4"
+    untimed.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="tokenflow.storage.video"):
+        video = read_video(untimed, backend="decord", height=64, width=128, fps=12.0)
+    assert video.fps == 12.0 and video.n_frames == 4
+    assert any("no usable frame rate" in r.getMessage() and "untimed.mp4" in r.getMessage() for r in caplog.records)

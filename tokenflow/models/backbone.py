@@ -9,7 +9,7 @@ to the model's dtype), images ↔ latents (the VAE in float32 where its config a
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +17,7 @@ from torch import Tensor
 
 from tokenflow.errors import ConfigError, ModelLoadError
 from tokenflow.models.ddim import alpha_bar, check_scheduler, clip_range, ddim_step, to_epsilon
+from tokenflow.models.fingerprint import model_fingerprint, weights_fingerprint, weights_signature
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,34 @@ def as_text_embedding(value: TextEmbedding | Tensor) -> TextEmbedding:
     return value if isinstance(value, TextEmbedding) else TextEmbedding(value)
 
 
+class _Fingerprint:
+    """``DiffusionModel.fingerprint``: the weights' digest combined, on every read, with the state of the model's
+    peft adapters, so enabling, disabling or re-weighting a LoRA changes it. The digest (every weight read) is
+    kept with a :func:`weights_signature` and computed again only when that changes (weights added, replaced
+    or written in place since); a ``fingerprint`` given to the constructor stands for the weights it was given with.
+    """
+
+    def __get__(self, model: "DiffusionModel | None", owner: type | None = None) -> str:
+        if model is None:
+            return ""  # the dataclass default: "" means "read the weights in __post_init__"
+        current = weights_signature(model)
+        if current != model._weights[0]:
+            model._weights = (current, weights_fingerprint(model))
+        return model_fingerprint(model, weights=model._weights[1])
+
+    def __set__(self, model: "DiffusionModel", value: str) -> None:
+        model._weights = (weights_signature(model) if value else (), value)
+
+
 @dataclass
 class DiffusionModel:
     """The components TokenFlow needs, on one device and dtype.
 
-    ``identity`` names where the weights came from (for logs); ``fingerprint`` identifies them by
-    content (every weight, every config, the dtype) so caches keyed on it never mix two models.
+    ``identity`` names where the weights came from (for logs); ``fingerprint`` identifies the model by
+    what it computes (every weight, every config, the dtype, the active peft adapters and their scales)
+    so caches keyed on it never mix two models. The weights are read at construction (a given
+    ``fingerprint`` stands for them) and again only after they change; the adapters' state is read each
+    time ``fingerprint`` is.
     ``text_encoder_2``/``tokenizer_2`` are set for SDXL.
     """
 
@@ -85,7 +108,7 @@ class DiffusionModel:
     text_encoder_2: torch.nn.Module | None = None
     tokenizer_2: Any = None
     vae_batch: int = 8
-    fingerprint: str = field(default="")
+    fingerprint: str = _Fingerprint()  # type: ignore[assignment]  # a descriptor-typed field (see _Fingerprint)
 
     def __post_init__(self) -> None:
         check_scheduler(self.scheduler)
@@ -93,10 +116,8 @@ class DiffusionModel:
         if self.is_sdxl and (self.text_encoder_2 is None or self.tokenizer_2 is None):
             raise ModelLoadError(f"'{self.identity}' has an SDXL UNet but no text_encoder_2/tokenizer_2 — load the whole "
                                  "SDXL pipeline folder")
-        if not self.fingerprint:
-            from tokenflow.models.fingerprint import model_fingerprint
-
-            self.fingerprint = model_fingerprint(self)
+        if not self._weights[1]:
+            self._weights = (weights_signature(self), weights_fingerprint(self))
 
     @classmethod
     def from_pipeline(cls, pipe: Any, device: str | torch.device | None = None,

@@ -1,7 +1,9 @@
-"""Identify a model by its content: every weight of every component, every config, the scheduler, the dtype.
+"""Identify a model by what it computes: every weight of every component, every config, the scheduler, the
+dtype, and the state of its peft adapters (which are active, their scales, disabled or merged).
 
 Caches keyed on the fingerprint therefore miss after any change to the weights (a merged LoRA, a
-fine-tuned text encoder, one edited value) and hit for the same weights loaded from another folder.
+fine-tuned text encoder, one edited value) or to the adapters (disabled, re-weighted, switched), and
+hit for the same weights loaded from another folder.
 Each tensor is reduced on its own device, exactly, to two residues of a position-weighted sum of
 its raw bits modulo two primes (no host copy of the weights; integer multiply-adds, no per-element
 division): changing any single element changes both residues.
@@ -70,14 +72,11 @@ def public_config(config: Any) -> dict:
     return {k: v for k, v in raw.items() if not str(k).startswith("_") and k not in ("transformers_version", "name_or_path")}
 
 
-def model_fingerprint(model: Any) -> str:
-    """Content hash of a :class:`~tokenflow.models.backbone.DiffusionModel` (20 hex digits)."""
+def weights_fingerprint(model: Any) -> str:
+    """Content hash of a :class:`~tokenflow.models.backbone.DiffusionModel`'s weights, configs, tokenizers,
+    scheduler and dtype (20 hex digits): the expensive part of :func:`model_fingerprint`, which reads every weight."""
     h = hashlib.sha256()
-    parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder,
-             "text_encoder_2": getattr(model, "text_encoder_2", None)}
-    for name, part in parts.items():
-        if part is None:
-            continue
+    for name, part in _components(model).items():
         h.update(name.encode())
         h.update(json.dumps(public_config(part.config), sort_keys=True, default=str).encode())
         h.update(module_digest(part).encode())
@@ -87,3 +86,73 @@ def model_fingerprint(model: Any) -> str:
     h.update(json.dumps(public_config(model.scheduler.config), sort_keys=True, default=str).encode())
     h.update(str(model.dtype).encode())
     return h.hexdigest()[:20]
+
+
+def weights_signature(model: Any) -> tuple:
+    """Which tensors hold the weights, and how often each was written in place (cheap: no weight is read).
+
+    It changes when a parameter or buffer is added (a LoRA loaded into the UNet), replaced (``.to``, a new
+    ``Parameter``) or modified by an in-place torch op (a merged adapter); writes through ``.data`` are not seen.
+    """
+    entries = []
+    for name, part in _components(model).items():
+        for key, t in list(part.named_parameters()) + list(part.named_buffers()):
+            try:
+                version = t._version
+            except RuntimeError:  # an inference-mode tensor keeps no version counter
+                version = None
+            entries.append((name, key, t.data_ptr(), version, tuple(t.shape), t.dtype, str(t.device)))
+    return tuple(entries)
+
+
+def adapter_state(module: torch.nn.Module) -> list[list]:
+    """What the peft tuner layers in ``module`` compute with: per layer, its name, the active adapters, their
+    scaling, whether adapters are disabled and which are merged (``[]`` without adapters).
+
+    A LoRA's matrices are parameters whether it is active or not, so the weights alone cannot tell a disabled
+    or zero-weighted adapter from an active one. Duck-typed on peft's ``BaseTunerLayer`` (``active_adapters``,
+    ``merged_adapters``, ``disable_adapters`` attributes), so peft need not be installed; the model-level
+    methods of the same names (diffusers' and transformers' adapter mixins) are not layers and are skipped.
+    """
+    state = []
+    for name, layer in module.named_modules():
+        if not hasattr(layer, "merged_adapters"):
+            continue
+        active = getattr(layer, "active_adapters", None)
+        disabled = getattr(layer, "_disable_adapters", getattr(layer, "disable_adapters", None))
+        if active is None or callable(active) or callable(disabled):
+            continue
+        active = [active] if isinstance(active, str) else list(active)
+        scaling = getattr(layer, "scaling", None)
+        scales = {a: _number(scaling[a]) for a in active if a in scaling} if isinstance(scaling, dict) else None
+        state.append([name, active, scales, bool(disabled), sorted(layer.merged_adapters)])
+    return state
+
+
+def model_fingerprint(model: Any, weights: str | None = None) -> str:
+    """Content hash of a :class:`~tokenflow.models.backbone.DiffusionModel` (20 hex digits).
+
+    The :func:`weights_fingerprint` (``weights``, when already computed) alone for a model without adapters;
+    with peft adapters, combined with every component's :func:`adapter_state`, which is cheap to read.
+    """
+    weights = weights or weights_fingerprint(model)
+    adapters = {name: state for name, part in _components(model).items() if (state := adapter_state(part))}
+    if not adapters:
+        return weights
+    h = hashlib.sha256(weights.encode())
+    h.update(json.dumps(adapters, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:20]
+
+
+def _components(model: Any) -> dict[str, torch.nn.Module]:
+    parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder,
+             "text_encoder_2": getattr(model, "text_encoder_2", None)}
+    return {name: part for name, part in parts.items() if part is not None}
+
+
+def _number(value: Any) -> float | str:
+    """A scaling value as a float (a Python number or a one-element tensor), else its repr."""
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return repr(value)
