@@ -178,11 +178,14 @@ ADDRESS_CAP = textwrap.dedent("""
 """)
 
 
-def test_an_address_space_cap_below_the_estimate_is_one_line(tmp_path, cache_dir):
-    env = {**os.environ, "TOKENFLOW_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    # at 1024x1024 the run adds about 1.1 GiB (the preflight estimate); 700 MiB of address space are left for it
+def test_an_address_space_cap_below_the_estimate_is_one_line(tiny, tmp_path, cache_dir):
+    # ``tiny``: the tiny model is built in cache_dir before the capped process loads it
+    # one malloc arena: glibc reserves 64 MiB of address space per thread arena, which would eat the cap at random
+    env = {**os.environ, "TOKENFLOW_CACHE": str(cache_dir), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "MALLOC_ARENA_MAX": "1"}
+    # at 1024x1024 the run adds about 1.0 GiB (the preflight estimate); 900 MiB of address space are left for it
     args = [*[a for a in TINY if not a.startswith(("height", "width"))], "height=1024", "width=1024", "prompt=a fox"]
-    proc = subprocess.run([sys.executable, "-c", ADDRESS_CAP, str(700 << 20), *args], cwd=tmp_path, env=env,
+    proc = subprocess.run([sys.executable, "-c", ADDRESS_CAP, str(900 << 20), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
@@ -210,3 +213,21 @@ def test_a_sweep_folder_named_twice_is_refused(tmp_path, cache_dir, capfd, monke
                          monkeypatch)
     assert_one_line(code, err, "hydra.sweep.dir=sweep already holds a run")
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "sweep").rglob("*")) == before
+
+
+def test_an_allocation_that_fails_inside_a_wrapper_is_one_line():
+    """Out of memory while Hydra instantiates the model (a cap too low even to load it): the cause, in one line."""
+    from hydra.errors import InstantiationException
+
+    from tokenflow.cli.messages import user_error
+
+    try:
+        try:
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: "
+                               "you tried to allocate 104857600 bytes")
+        except RuntimeError as e:
+            raise InstantiationException("Error in call to target 'tokenflow.models.loading.load_model':\n"
+                                         f"{e!r}") from e
+    except InstantiationException as wrapped:
+        line = user_error(wrapped)
+    assert line.startswith("the run ran out of memory (") and "can't allocate memory" in line and " — " in line

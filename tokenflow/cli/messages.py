@@ -88,18 +88,24 @@ def _place(path: str, places: Mapping[str, str]) -> str | None:
 
 
 def _wrapped_user_error(error: BaseException) -> BaseException | None:
-    """The TokenFlowError (else user-facing OSError) that ``error`` wraps (its causes), if it is not one itself."""
-    if isinstance(error, TokenFlowError) or (isinstance(error, OSError) and error.errno in _USER_OS_ERRORS):
+    """The TokenFlowError (else user-facing OSError or failed allocation) that ``error`` wraps (its causes), if it
+    is not one itself."""
+    if isinstance(error, TokenFlowError) or _plain_user_error(error):
         return None
     found, cause, seen = None, _wrapped(error), set()
     while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
         if isinstance(cause, TokenFlowError):
             return cause
-        if found is None and isinstance(cause, OSError) and cause.errno in _USER_OS_ERRORS:
+        if found is None and _plain_user_error(cause):
             found = cause
         cause = _wrapped(cause)
     return found
+
+
+def _plain_user_error(error: BaseException) -> bool:
+    """A disk error the user can act on, or a failed allocation."""
+    return (isinstance(error, OSError) and error.errno in _USER_OS_ERRORS) or _out_of_memory(error)
 
 
 def _wrapped(error: BaseException) -> BaseException | None:
