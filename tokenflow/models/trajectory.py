@@ -105,23 +105,25 @@ class FileTrajectory(Trajectory):
         self.channels_last = channels_last
         self.bytes_read = 0
         self.temp_folder: str | None = None  # set for an anonymous temporary file: named when a write fails
+        self.temp_from_env = False  # whether ``temp_folder`` is the system's ($TMPDIR) rather than one given
 
     @classmethod
     def temporary(cls, shape: tuple[int, ...], dtype: torch.dtype = torch.float32,
                   folder: str | os.PathLike | None = None) -> "FileTrajectory":
         """In an anonymous file (no name: gone when closed or when the process dies) in ``folder``
-        (default: the system's temporary folder, ``$TMPDIR``)."""
-        where = str(folder if folder is not None else tempfile.gettempdir())
+        (default: the system's temporary folder, ``$TMPDIR``). A write that fails (a full disk) raises a
+        :class:`~tokenflow.errors.StorageError` naming the folder, the size needed and the fix."""
+        where, from_env = str(folder if folder is not None else tempfile.gettempdir()), folder is None
         store = None
         try:
             fh = tempfile.TemporaryFile(dir=folder)
             store = cls(fh, 0, shape, dtype)
-            store.temp_folder = where
+            store.temp_folder, store.temp_from_env = where, from_env
             fh.truncate(store.nbytes)
         except OSError as e:
             if store is not None:
                 store.close()
-            raise _temp_full(where, _numel(shape) * _itemsize(dtype), e) from e
+            raise _temp_full(where, from_env, _numel(shape) * _itemsize(dtype), e) from e
         return store
 
     @property
@@ -162,7 +164,7 @@ class FileTrajectory(Trajectory):
         except OSError as e:
             if self.temp_folder is None:
                 raise
-            raise _temp_full(self.temp_folder, self.nbytes, e) from e
+            raise _temp_full(self.temp_folder, self.temp_from_env, self.nbytes, e) from e
 
     def _pread(self, buffer: memoryview, at: int) -> None:
         want = len(buffer)
@@ -244,11 +246,13 @@ class InversionResult:
                 f"trajectory={type(self.trajectory).__name__}{self.trajectory.shape}, prompt={self.prompt!r})")
 
 
-def _temp_full(folder: str, nbytes: int, error: OSError) -> StorageError:
-    """The one line for a temporary trajectory file that cannot be written in ``folder``."""
+def _temp_full(folder: str, from_env: bool, nbytes: int, error: OSError) -> StorageError:
+    """The one line for a temporary trajectory file that cannot be written in ``folder`` (``from_env``: the
+    system's temporary folder, ``$TMPDIR``, rather than one the caller chose)."""
+    where, fix = ((f"{folder} ($TMPDIR)", "set TMPDIR= to a folder on a disk with room") if from_env
+                  else (folder, "give a temporary folder on a disk with room"))
     return StorageError(f"cannot write the inversion trajectory ({nbytes / 2**20:.1f} MiB) in the temporary folder "
-                        f"{folder} ($TMPDIR): {error.strerror or error} — free space there or set TMPDIR= to a folder "
-                        "on a disk with room")
+                        f"{where}: {error.strerror or error} — free space there or {fix}")
 
 
 def _numel(shape: Sequence[int]) -> int:
