@@ -673,14 +673,19 @@ def suite_from_data(node: Mapping[str, Any], context: Mapping[str, Any] | None =
         settings = {k: _plain_setting(v, f"{where}.{name}.{k}", context) for k, v in sub.items() if k != "_target_"}
         plans.append((name, known[target], settings))
     for name, cls, settings in plans:
-        schema = getattr(cls, "Config", None)
-        if schema is not None and is_dataclass(schema):
-            unknown = sorted(set(settings) - {f.name for f in fields(schema)})
-            if unknown:
-                raise ConfigError(f"{where}.{name} has no setting {unknown[0]!r} — valid settings: "
-                                  f"{sorted(f.name for f in fields(schema))}")
+        _check_metric_settings(f"{where}.{name}", cls, settings)
         metrics[name] = cls(**settings)
     return MetricSuite(**metrics)
+
+
+def _check_metric_settings(key: str, cls: type, settings: Mapping[str, Any]) -> None:
+    """Refuse, in one line, a setting that ``cls``'s ``Config`` dataclass does not declare (none: no check)."""
+    schema = getattr(cls, "Config", None)
+    if schema is not None and is_dataclass(schema):
+        known = sorted(f.name for f in fields(schema))
+        unknown = sorted(set(settings) - set(known))
+        if unknown:
+            raise ConfigError(f"{key} has no setting {unknown[0]!r} — valid settings: {known}")
 
 
 def _plain_setting(value: Any, key: str, context: Mapping[str, Any]) -> Any:
@@ -736,12 +741,9 @@ def build_suite(spec: str | Mapping | Any = DEFAULT_SUITE, overrides: Sequence[s
     for name, sub in resolved.items():
         if name == "_target_":
             continue
-        schema = getattr(get_class(sub["_target_"]), "Config", None) if isinstance(sub, dict) and "_target_" in sub else None
-        if schema is not None and is_dataclass(schema):
-            unknown = sorted(set(sub) - {"_target_"} - {f.name for f in fields(schema)})
-            if unknown:
-                raise ConfigError(f"metrics.{name} has no setting {unknown[0]!r} — valid settings: "
-                                  f"{sorted(f.name for f in fields(schema))}")
+        if isinstance(sub, dict) and "_target_" in sub:
+            _check_metric_settings(f"metrics.{name}", get_class(sub["_target_"]),
+                                   {k: v for k, v in sub.items() if k != "_target_"})
     try:
         suite = instantiate(resolved)
     except Exception as e:  # hydra wraps constructor errors; surface ours unwrapped
