@@ -135,7 +135,7 @@ def load_controlnet(spec: ControlSpec, model, cache_dir: str | None = None, tiny
         from tokenflow.models.tiny_extras import TinyControlNetSpec, tiny_controlnet_folder
         from tokenflow.paths import default_cache_dir
 
-        path, local_only = str(tiny_controlnet_folder(cache_dir or default_cache_dir(), model.unet,
+        path, local_only = str(tiny_controlnet_folder(cache_dir or default_cache_dir(), model.denoiser,
                                                       TinyControlNetSpec(seed=tiny_seed))), True
     elif Path(source).expanduser().exists():
         path = str(Path(source).expanduser().resolve())
@@ -150,7 +150,7 @@ def load_controlnet(spec: ControlSpec, model, cache_dir: str | None = None, tiny
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ModelLoadError(f"cannot load ControlNet {key}='{source}': {first[:200]} — check the id/path, download it "
                              f"first while online (or set HF_HUB_OFFLINE=0), or use {key}=tiny offline") from e
-    mine, theirs = net.config, model.unet.config
+    mine, theirs = net.config, model.denoiser.config
     if (mine.cross_attention_dim, tuple(mine.block_out_channels)) != (theirs.cross_attention_dim,
                                                                        tuple(theirs.block_out_channels)):
         raise ConfigError(f"ControlNet {key}='{source}' is for another UNet (cross_attention_dim "
@@ -163,6 +163,7 @@ def load_controlnet(spec: ControlSpec, model, cache_dir: str | None = None, tiny
 class ControlNetEditor(KeyframeEditor):
     """A ``base`` editor (PnP or CFG) whose edit branches are steered by one or more ControlNets."""
 
+    families = ("unet",)  # ControlNet residuals enter the UNet's down/mid blocks
     Config = ControlNetConfig
 
     def __init__(self, **config) -> None:

@@ -35,6 +35,7 @@ class InstructPix2PixConfig:
 class InstructPix2PixEditor(KeyframeEditor):
     """Three-branch InstructPix2Pix guidance; the prompt is the instruction."""
 
+    families = ("unet",)  # an image-conditioned UNet (latents + image latents)
     Config = InstructPix2PixConfig
 
     def __init__(self, **config) -> None:

@@ -87,6 +87,7 @@ class PromptToPromptEditor(KeyframeEditor):
     """Prompt-to-Prompt cross-attention control (word swap, refinement, reweighting, LocalBlend), with CFG."""
 
     needs_source = True
+    families = ("unet",)  # controls the UNet's cross-attention maps
     Config = PromptToPromptConfig
 
     def __init__(self, **config) -> None:

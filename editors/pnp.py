@@ -21,7 +21,6 @@ from typing import Optional
 from tokenflow.core.editor import SOURCE, EditInputs, Step
 from tokenflow.core.guidance import GuidedEditor
 from tokenflow.errors import ConfigError
-from tokenflow.models.ddim import add_noise, noise_from_latent
 from tokenflow.options import choice
 
 
@@ -56,6 +55,7 @@ class PnPEditor(GuidedEditor):
     """PnP feature and self-attention injection from the source branch, with CFG."""
 
     needs_source = True
+    families = ("unet",)  # residual-feature injection at UNet decoder layers
     Config = PnPConfig
 
     def __init__(self, **config) -> None:
@@ -65,10 +65,10 @@ class PnPEditor(GuidedEditor):
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
         if self.config.initial_latent == "inverted":
             return super().initial_latents(inputs, timesteps)
-        inv, scheduler = inputs.inversion, inputs.model.scheduler
+        inv, sampler = inputs.inversion, inputs.sampler
         noisiest = max(inv.timesteps)
-        eps = noise_from_latent(scheduler, inv.clean, inv.at(noisiest), noisiest)
-        return add_noise(scheduler, inv.clean, eps, timesteps[0])
+        eps = sampler.noise_from_latent(inv.clean, inv.at(noisiest), sampler.level(noisiest))
+        return sampler.add_noise(inv.clean, eps, sampler.level(timesteps[0]))
 
     def self_attention(self, layer: str, q: Tensor, k: Tensor, v: Tensor, step: Step):
         src = step.index_of(SOURCE)

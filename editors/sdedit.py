@@ -34,7 +34,6 @@ from enum import Enum
 from tokenflow.core.editor import EditInputs
 from tokenflow.core.guidance import GuidedEditor
 from tokenflow.errors import ConfigError
-from tokenflow.models.ddim import add_noise, noise_from_latent
 from tokenflow.options import choice
 
 
@@ -91,7 +90,7 @@ class SDEditEditor(GuidedEditor):
         inv, z0 = inputs.inversion, inputs.inversion.clean.float()
         if self.config.noise == "inversion":
             t = inv.timesteps[0]
-            return noise_from_latent(inputs.model.scheduler, z0, inv.at(t).float(), t)
+            return inputs.sampler.noise_from_latent(z0, inv.at(t).float(), inputs.sampler.level(t))
         g = torch.Generator().manual_seed(self.config.seed)
         return torch.randn((1, *z0.shape[1:]), generator=g).expand_as(z0).clone()
 
@@ -100,4 +99,4 @@ class SDEditEditor(GuidedEditor):
         z0 = inputs.inversion.clean.float()
         if not timesteps:
             return z0.clone()
-        return add_noise(inputs.model.scheduler, z0, self.noise(inputs), timesteps[0])
+        return inputs.sampler.add_noise(z0, self.noise(inputs), inputs.sampler.level(timesteps[0]))

@@ -36,7 +36,7 @@ def test_image_latents_are_the_unscaled_posterior_mode(ip2p, tiny, clip):
         mode = ip2p.vae.encode(images).latent_dist.mode()
     torch.testing.assert_close(ours, mode, atol=1e-6, rtol=1e-6)
     assert image_conditioning(tiny, torch.zeros(1, 4, 8, 8)) is None  # a text-to-image UNet reads none
-    inpainting = SimpleNamespace(unet=SimpleNamespace(config=SimpleNamespace(in_channels=9)), latent_channels=4)
+    inpainting = SimpleNamespace(denoiser=SimpleNamespace(config=SimpleNamespace(in_channels=9)), latent_channels=4)
     with pytest.raises(ConfigError, match="this UNet takes 9 input channels — only text-to-image"):
         image_conditioning(inpainting, torch.zeros(1, 4, 8, 8))
 

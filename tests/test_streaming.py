@@ -120,7 +120,7 @@ def test_cache_entry_is_checked_in_its_streamed_part(tiny, clip, tmp_path):
 def test_failed_inversion_publishes_no_entry(tiny, clip, tmp_path, monkeypatch):
     """An exception after some slabs were written leaves no entry and no temporary file."""
     cache, calls = InversionCache(tmp_path), []
-    real = tiny.predict_noise
+    real = tiny.predict
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -128,7 +128,7 @@ def test_failed_inversion_publishes_no_entry(tiny, clip, tmp_path, monkeypatch):
             raise RuntimeError("out of memory (simulated)")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tiny, "predict_noise", failing)
+    monkeypatch.setattr(tiny, "predict", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         invert_video(tiny, clip, DDIMInverter(n_steps=STEPS, keep_steps=STEPS), "a wolf", cache, progress=False)
     assert not list(tmp_path.iterdir())

@@ -196,7 +196,8 @@ def small_model(tag: str = "a"):
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=8,
                                 attention_head_dim=2)
-    return SimpleNamespace(unet=unet.eval().requires_grad_(False), vae=None, text_encoder=None, fingerprint=tag,
+    unet = unet.eval().requires_grad_(False)
+    return SimpleNamespace(unet=unet, denoiser=unet, components=lambda: {"unet": unet}, fingerprint=tag,
                            device="cpu", dtype="float32", identity=tag)
 
 

@@ -255,15 +255,12 @@ class ModelMemo:
 def _model_state(model: Any) -> tuple:
     """What must be unchanged for a kept model to be handed out again (cheap: no weight is read)."""
     tensors, hooks = [], 0
-    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        part = getattr(model, name, None)
-        if part is None:
-            continue
+    for name, part in model.components().items():
         for key, t in list(part.named_parameters()) + list(part.named_buffers()):
             tensors.append((name, key, t.data_ptr(), t._version, t.dtype, str(t.device), t.requires_grad))
         for m in part.modules():
             hooks += len(m._forward_hooks) + len(m._forward_pre_hooks)
-    processors = tuple(sorted((k, type(v).__qualname__) for k, v in model.unet.attn_processors.items()))
+    processors = tuple(sorted((k, type(v).__qualname__) for k, v in model.denoiser.attn_processors.items()))
     return (model.fingerprint, str(model.device), str(model.dtype), hooks, processors, tuple(tensors))
 
 

@@ -172,7 +172,8 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
         report.metric("scoring_s", time.perf_counter() - t1, "wall seconds to compute the configured metrics (cfg.metrics)")
     report.metric("total_s", time.perf_counter() - t0)
     print(f"edited {video.n_frames} frames at {video.height}x{video.width} in {report.metrics['total_s']:.1f}s "
-          f"({result.unet_evaluations} UNet evaluations) → {out / 'edited.mp4'}")
+          f"({result.unet_evaluations} {'UNet' if model.family == 'unet' else 'transformer'} evaluations) → "
+          f"{out / 'edited.mp4'}")
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,7 @@ from torch import Tensor
 from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator
 from tokenflow.errors import ConfigError
-from tokenflow.models.layout import UNetLayout, check_attention_supported, token_grid
+from tokenflow.models.layout import MMDiTLayout, UNetLayout, check_attention_supported, token_grid
 from tokenflow.options import choice
 
 
@@ -108,10 +109,20 @@ class TokenFlowRuntime:
     _saved: dict | None = None
     _handles: list = field(default_factory=list)
     _unet: torch.nn.Module | None = None
+    _joint: Any = None  # the installed joint-attention processors of an MMDiT (tokenflow.core.joint_attention)
 
-    def install(self, unet: torch.nn.Module, layout: UNetLayout) -> "TokenFlowRuntime":
-        if self._saved is not None:
+    def install(self, unet: torch.nn.Module, layout: "UNetLayout | MMDiTLayout") -> "TokenFlowRuntime":
+        """Install the processors into ``unet`` (the model's denoiser: a UNet, or an MMDiT transformer whose
+        joint attention runs :class:`~tokenflow.core.joint_attention.TokenFlowJointAttention`) and the editor's hooks."""
+        if self._saved is not None or self._joint is not None:
             raise RuntimeError("processors already installed; call remove() first")
+        if isinstance(layout, MMDiTLayout):
+            from tokenflow.core.joint_attention import install_joint_attention
+
+            self._joint = install_joint_attention(unet, self, layout.self_attention)
+            self._unet = unet
+            self._handles = list(self.editor.install(unet, layout, lambda: self.step))
+            return self
         for name in layout.self_attention:
             check_attention_supported(unet.get_submodule(name), name, "TokenFlow processor")
         self._saved = dict(unet.attn_processors)
@@ -141,6 +152,9 @@ class TokenFlowRuntime:
         for h in self._handles:
             h.remove()
         self._handles = []
+        if self._joint is not None:
+            self._joint.remove()
+            self._joint = None
         if self._saved is not None and self._unet is not None:
             self._unet.set_attn_processor(self._saved)
         self._saved, self._unet = None, None

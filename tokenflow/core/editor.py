@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import Tensor
 
+from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding, as_text_embedding
 from tokenflow.models.trajectory import InversionResult
 
@@ -115,6 +116,14 @@ class EditInputs:
     inversion_prompt: str
     timesteps: list[int]       # the full sampling grid, noisiest first
     frames: Any = None         # (N, H, W, 3) uint8 input frames when the caller has them (e.g. ControlNet conditions)
+    sampler: Any = None        # the run's tokenflow.samplers.Sampler (levels, forward process); None: the model's
+    levels: Any = None         # the grid as a tokenflow.samplers.Grid (noise levels of ``timesteps``)
+
+    def __post_init__(self) -> None:
+        if self.sampler is None and getattr(self.model, "scheduler", None) is not None:
+            from tokenflow.samplers import sampler_for
+
+            self.sampler = sampler_for(self.model.scheduler)
 
 
 class KeyframeEditor(ABC):
@@ -122,6 +131,10 @@ class KeyframeEditor(ABC):
 
     #: the editor reads the source branch (feature injection); the pipeline then always runs it
     needs_source: bool = False
+    #: backbone families it drives (``model.family``: "unet", "mmdit"); None: any (it only guides and steps)
+    families: tuple[str, ...] | None = None
+    #: samplers whose guidance form it works in (``sampler.name``: "ddim", "flow_match_euler"); None: any
+    samplers: tuple[str, ...] | None = None
 
     @abstractmethod
     def prepare(self, inputs: EditInputs) -> None:
@@ -166,3 +179,19 @@ class KeyframeEditor(ABC):
     def guidance_weight(self) -> float | None:
         """The guidance weight this editor applies, if any (named when a run's latents turn non-finite)."""
         return None
+
+
+FAMILY_NAMES = {"unet": "an SD UNet (1.x/2.x/XL)", "mmdit": "an MMDiT transformer (SD 3/3.5)"}
+
+
+def check_pairing(editor: KeyframeEditor, model: Any, sampler: Any) -> None:
+    """Refuse, in one line naming both and the fix, an editor paired with a backbone or sampler it cannot drive."""
+    family = getattr(model, "family", "unet")
+    name = type(editor).__name__
+    if editor.families is not None and family not in editor.families:
+        drives = " or ".join(FAMILY_NAMES.get(f, f) for f in editor.families)
+        raise ConfigError(f"{name} drives {drives}, not '{getattr(model, 'identity', model)}' "
+                          f"({FAMILY_NAMES.get(family, family)}) — on this model use editor=sdedit or editor=kv_injection")
+    if editor.samplers is not None and sampler.name not in editor.samplers:
+        raise ConfigError(f"{name} works with the {' or '.join(editor.samplers)} sampler, not {sampler.name} — pick an "
+                          "editor for this model's sampler (editor=sdedit works with every sampler)")

@@ -21,8 +21,8 @@ from tqdm.auto import tqdm
 from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
-from tokenflow.models.ddim import ddim_timesteps, previous_timestep
 from tokenflow.models.trajectory import InversionResult, TensorTrajectory, Trajectory
+from tokenflow.samplers import Grid, Sampler, sampler_for
 
 
 def image_conditioning(model, clean: Tensor) -> Tensor | None:
@@ -32,13 +32,28 @@ def image_conditioning(model, clean: Tensor) -> Tensor | None:
     scaling factor; ``clean`` is the posterior mean (= mode) times that factor, so this is clean / factor,
     float32 (N, C, h, w). None for a text-to-image UNet (in_channels = C).
     """
-    in_channels, c = int(model.unet.config.in_channels), model.latent_channels
+    in_channels, c = int(model.denoiser.config.in_channels), model.latent_channels
     if in_channels == c:
         return None
     if in_channels != 2 * c:
         raise ConfigError(f"this UNet takes {in_channels} input channels — only text-to-image ({c}) and "
                           f"InstructPix2Pix-style ({2 * c}: latents + image latents) UNets are supported")
     return clean.float() / model.latent_scale
+
+
+def image_seq_len(model, latent_hw: tuple[int, int]) -> int | None:
+    """Image tokens per frame of a token-sequence model (what resolution-dependent σ schedules read), else None."""
+    count = getattr(model, "image_seq_len", None)
+    return None if count is None else int(count(latent_hw))
+
+
+def kept_timesteps(inverter: "Inverter", model, latent_hw: tuple[int, int]) -> list:
+    """``inverter.kept_timesteps`` for a model and latent size; the image's token count is passed only where the
+    schedule depends on it (so inverters written for ``kept_timesteps(scheduler)`` keep working)."""
+    seq_len = image_seq_len(model, latent_hw)
+    if seq_len is None or not sampler_for(model.scheduler).config_depends_on_size:
+        return inverter.kept_timesteps(model.scheduler)
+    return inverter.kept_timesteps(model.scheduler, seq_len)
 
 
 class Inverter(ABC):
@@ -56,8 +71,8 @@ class Inverter(ABC):
         """Everything that changes the result; part of the inversion cache key."""
 
     @abstractmethod
-    def kept_timesteps(self, scheduler) -> list[int]:
-        """Timesteps this inverter keeps, noisiest first."""
+    def kept_timesteps(self, scheduler, image_seq_len: int | None = None) -> list:
+        """Timesteps this inverter keeps, noisiest first (``image_seq_len``: for resolution-dependent schedules)."""
 
     def invert_into(self, model, clean: Tensor, prompt: str, trajectory: Trajectory,
                     progress: bool = True) -> InversionResult:
@@ -114,13 +129,15 @@ class DDIMInverter(Inverter):
     def settings(self) -> dict[str, Any]:
         return {"inverter": "ddim", **asdict(self.config)}
 
-    def kept_timesteps(self, scheduler) -> list[int]:
-        grid = ddim_timesteps(scheduler, self.config.n_steps)
-        keep = ddim_timesteps(scheduler, self.config.keep_steps)
-        missing = sorted(set(keep) - set(grid))
+    def kept_timesteps(self, scheduler, image_seq_len: int | None = None) -> list:
+        sampler = sampler_for(scheduler)
+        grid = sampler.grid(self.config.n_steps, image_seq_len).timesteps
+        keep = sampler.grid(self.config.keep_steps, image_seq_len).timesteps
+        missing = sorted(set(keep) - set(grid), reverse=True)
         if missing:
             raise ConfigError(f"inverter.keep_steps={self.config.keep_steps} needs timesteps {missing[:3]}... that "
-                              f"n_steps={self.config.n_steps} never visits — use n_steps a multiple of keep_steps")
+                              f"n_steps={self.config.n_steps} never visits — use n_steps = keep_steps (DDIM: or a "
+                              "multiple of it)")
         if self.config.keep_final and grid[0] not in keep:
             keep = [grid[0]] + keep
         return keep
@@ -134,8 +151,10 @@ class DDIMInverter(Inverter):
                     progress: bool = True) -> InversionResult:
         """Invert ``clean`` (N, C, h, w) in chunks of ``batch_size`` frames, writing each chunk's latents into
         ``trajectory`` (T, N, C, h, w) as soon as they are computed (one timestep's rows at a time)."""
-        grid = ddim_timesteps(model.scheduler, self.config.n_steps)[::-1]  # 1, ..., 981: least noisy first
-        order = sorted(set(self.kept_timesteps(model.scheduler)), reverse=True)  # slab i holds order[i]
+        sampler = sampler_for(model.scheduler)
+        seq_len = image_seq_len(model, tuple(clean.shape[-2:]))
+        grid = sampler.grid(self.config.n_steps, seq_len)
+        order = sorted(set(kept_timesteps(self, model, tuple(clean.shape[-2:]))), reverse=True)  # slab i: order[i]
         if tuple(trajectory.shape) != (len(order), *clean.shape):
             raise ConfigError(f"the trajectory store has shape {tuple(trajectory.shape)}, the inversion needs "
                               f"{(len(order), *clean.shape)} — size it from kept_timesteps and the clean latents")
@@ -143,20 +162,22 @@ class DDIMInverter(Inverter):
         cond = model.encode_text(prompt)
         image = image_conditioning(model, clean)
         chunks = torch.arange(clean.shape[0]).split(self.config.batch_size)
-        bar = tqdm(total=len(grid) * len(chunks), desc="DDIM inversion", unit="step", disable=not progress)
+        bar = tqdm(total=len(grid) * len(chunks), desc=f"{sampler.label} inversion", unit="step", disable=not progress)
         for frames in chunks:
             x = clean[frames].to(model.device, torch.float32)
             text = cond.rows(torch.arange(len(x)))
             extra = None if image is None else image[frames]
-            for i, t in enumerate(grid):
-                t_prev = grid[i - 1] if i > 0 else -1
-                # the UNet at t, the latents at t_prev's level
-                eps = model.predict_noise(x, t, text, level=t_prev, image_latents=extra)
-                x_t = model.ddim_step(x, eps, t_prev, t)
-                for _ in range(self.config.fixed_point):  # the noise where sampling will evaluate it: at x_t
-                    x_t = model.ddim_step(x, model.predict_noise(x_t, t, text, image_latents=extra), t_prev, t)
+            for n, i in enumerate(reversed(range(len(grid)))):  # least noisy first, from the clean end up
+                source, target = grid.after(i), grid.levels[i]
+                t = target.timestep
+                # the model at the target's timestep, the latents at the source's level
+                pred = sampler.to_form(model.predict(x, t, text, image_latents=extra), x, source)
+                x_t = sampler.step(x, pred, source, target)
+                for _ in range(self.config.fixed_point):  # the prediction where sampling will evaluate it: at x_t
+                    pred = sampler.to_form(model.predict(x_t, t, text, image_latents=extra), x_t, target)
+                    x_t = sampler.step(x, pred, source, target)
                 x = x_t
-                check_latents(x, "DDIM inversion", i, len(grid), t, likely_cause(model.dtype))
+                check_latents(x, f"{sampler.label} inversion", n, len(grid), t, likely_cause(model.dtype))
                 if t in slab:
                     trajectory.write(slab[t], int(frames[0]), x.cpu())
                 bar.update(1)
@@ -168,46 +189,58 @@ UncondSource = TextEmbedding | Callable[[int, Tensor], TextEmbedding] | None
 
 
 @torch.no_grad()
-def sample(model, x: Tensor, timesteps: list[int], cond: TextEmbedding | Tensor, uncond: UncondSource = None,
-           guidance_scale: float = 1.0, batch_size: int = 8, progress: bool = True, desc: str = "DDIM sampling",
-           image_latents: Tensor | None = None) -> Tensor:
-    """Plain DDIM sampling of independent frames from ``x`` (N, C, h, w) at ``timesteps[0]`` down the grid.
+def sample(model, x: Tensor, timesteps: "list[int] | Grid", cond: TextEmbedding | Tensor, uncond: UncondSource = None,
+           guidance_scale: float = 1.0, batch_size: int = 8, progress: bool = True, desc: str = "sampling",
+           image_latents: Tensor | None = None, sampler: Sampler | None = None) -> Tensor:
+    """Plain sampling of independent frames from ``x`` (N, C, h, w) at the first level down to clean latents.
 
-    cond: (1, L, D) or per-frame (N, L, D) text embedding. uncond, used when ``guidance_scale != 1``: an
-    embedding like ``cond``, or a function (step index, frames (F,)) → (F, L, D) embedding (null-text
-    tables). image_latents: (N, C', h, w) extra input channels of an image-conditioned UNet, given to both
-    branches. Returns the clean latents (N, C, h, w) float32 on CPU.
+    timesteps: a :class:`~tokenflow.samplers.Grid` (or a slice of one), or for DDIM a list of timesteps,
+    noisiest first. cond: (1, L, D) or per-frame (N, L, D) text embedding. uncond, used when
+    ``guidance_scale != 1``: an embedding like ``cond``, or a function (step index, frames (F,)) → (F, L, D)
+    embedding (null-text tables); guidance combines the sampler's form (ε for DDIM, velocity for flow
+    matching). image_latents: (N, C', h, w) extra input channels of an image-conditioned UNet, given to both
+    branches. ``sampler``: default the one the model's scheduler implies. Returns clean latents (N, C, h, w)
+    float32 on CPU.
     """
     from tokenflow.models.backbone import as_text_embedding
 
+    sampler = sampler or sampler_for(model.scheduler)
+    grid = timesteps if isinstance(timesteps, Grid) else sampler.path(list(timesteps))
     cond = as_text_embedding(cond)
     guided = guidance_scale != 1.0 and uncond is not None
     out = []
     chunks = torch.arange(x.shape[0]).split(batch_size)
-    bar = tqdm(total=len(timesteps) * len(chunks), desc=desc, unit="step", disable=not progress)
+    bar = tqdm(total=len(grid) * len(chunks), desc=desc, unit="step", disable=not progress)
     for frames in chunks:
         z = x[frames].to(model.device, torch.float32)
         c = cond.rows(frames)
         image = None if image_latents is None else image_latents[frames]
-        for i, t in enumerate(timesteps):
+        for i, level in enumerate(grid.levels):
             if guided:
                 u = uncond(i, frames) if callable(uncond) else as_text_embedding(uncond).rows(frames)
                 both = None if image is None else torch.cat([image, image])
-                e_u, e_c = model.predict_noise(torch.cat([z, z]), t, TextEmbedding.cat([u, c]), image_latents=both).chunk(2)
+                zz = torch.cat([z, z])
+                e_u, e_c = sampler.to_form(model.predict(zz, level.timestep, TextEmbedding.cat([u, c]), image_latents=both),
+                                           zz, level).chunk(2)
                 eps = e_u + guidance_scale * (e_c - e_u)
             else:
-                eps = model.predict_noise(z, t, c, image_latents=image)
-            z = model.ddim_step(z, eps, t, previous_timestep(timesteps, i))
+                eps = sampler.to_form(model.predict(z, level.timestep, c, image_latents=image), z, level)
+            z = sampler.step(z, eps, level, grid.after(i))
             bar.update(1)
         out.append(z.cpu())
     bar.close()
     return torch.cat(out)
 
 
-def reconstruct(model, inversion: InversionResult, steps: list[int] | None = None, progress: bool = True) -> Tensor:
-    """DDIM-sample the inversion back to clean latents from its noisiest kept grid timestep, guidance 1
-    (an image-conditioned UNet reads the frames' image latents, as in the inversion)."""
-    steps = steps or ddim_timesteps(model.scheduler, int(inversion.settings.get("keep_steps", len(inversion.timesteps))))
+def reconstruct(model, inversion: InversionResult, steps: "list[int] | Grid | None" = None,
+                progress: bool = True) -> Tensor:
+    """Sample the inversion back to clean latents from its noisiest kept grid timestep, guidance 1 (an
+    image-conditioned UNet reads the frames' image latents, as in the inversion). ``steps``: default the
+    inversion's kept grid."""
+    if steps is None:
+        n = int(inversion.settings.get("keep_steps", len(inversion.timesteps)))
+        steps = sampler_for(model.scheduler).grid(n, image_seq_len(model, tuple(inversion.clean.shape[-2:])))
+    first = steps.levels[0].timestep if isinstance(steps, Grid) else steps[0]
     cond = model.encode_text(inversion.prompt)
-    return sample(model, inversion.at(steps[0]), steps, cond, progress=progress, desc="reconstruction",
+    return sample(model, inversion.at(first), steps, cond, progress=progress, desc="reconstruction",
                   image_latents=image_conditioning(model, inversion.clean))

@@ -45,6 +45,8 @@ RUNTIME_OVERHEAD = 128 << 20  # host memory a run adds whatever its size: video 
 #                               first use, oneDNN kernels, allocator slack (116 MB measured on 2 frames at 64x64)
 RESNET_FACTOR = 8       # feature maps of a level's width alive in a resnet block (input, norm, act, convs, skip)
 ATTENTION_FACTOR = 19   # ... in a transformer block: q, k, v, out (4) + GEGLU 8x + product 4x + norms/residual (3)
+TRANSFORMER_FACTOR = 14  # token activations alive in an MMDiT block: q, k, v, out (4) + MLP 4x and its GELU (8)
+#                          + modulated norm and residual (2)
 GIB = 1 << 30
 MIB = 1 << 20
 
@@ -65,12 +67,16 @@ class ModelShape:
     self_attention_levels: tuple[int, ...] = ()  # the level of every self-attention layer (UNetLayout), in order
 
     @classmethod
-    def from_model(cls, model: Any) -> "ModelShape":
-        """From a :class:`~tokenflow.models.DiffusionModel` (its UNet and VAE configs, its UNet's layout)."""
-        weights = sum(t.numel() * t.element_size() for part in (model.unet, model.vae, model.text_encoder)
+    def from_model(cls, model: Any) -> "ModelShape | TransformerShape":
+        """From a :class:`~tokenflow.models.DiffusionModel` (its UNet and VAE configs, its UNet's layout); an MMDiT
+        backbone gives its :class:`TransformerShape`."""
+        if getattr(model, "family", "unet") == "mmdit":
+            return TransformerShape.from_model(model)
+        unet = model.denoiser
+        weights = sum(t.numel() * t.element_size() for part in (unet, model.vae, model.text_encoder)
                       if part is not None for t in list(part.parameters()) + list(part.buffers()))
-        shape = cls.from_configs(dict(model.unet.config), dict(model.vae.config), int(model.unet.dtype.itemsize),
-                                 int(model.vae_dtype.itemsize), int(weights), unet_module=model.unet)
+        shape = cls.from_configs(dict(unet.config), dict(model.vae.config), int(unet.dtype.itemsize),
+                                 int(model.vae_dtype.itemsize), int(weights), unet_module=unet)
         return replace(shape, vae_scale=int(model.vae_scale_factor))
 
     @classmethod
@@ -91,6 +97,61 @@ class ModelShape:
         :class:`~tokenflow.models.layout.UNetLayout` lists them: SDXL's 2 and 10 per block included) of
         tokens x channels at the layer's level, for latents (h, w): what a keyframe stores per branch."""
         return sum(_level_tokens(h, w, level) * self.unet_channels[level] for level in self.self_attention_levels)
+
+    def working_set(self, h: int, w: int, batch: int) -> int:
+        """Bytes of one denoiser forward on ``batch`` latents of (h, w)."""
+        return unet_working_set(self, h, w, batch)
+
+
+@dataclass(frozen=True)
+class TransformerShape:
+    """What the estimate needs from an MMDiT (SD 3 / 3.5): token width, depth, patch, text length, VAE, weights.
+
+    Its working set for a batch of B frames is ``TRANSFORMER_FACTOR`` activations of (S + L) tokens x width
+    per frame (S image tokens, L text tokens): q, k, v, the attention output, the 4x MLP and its activation,
+    the modulated norms and residuals of the block running, plus the other stream's; attention scores are not
+    counted (SDPA's kernels do not materialise them on CUDA; on CPU the math kernel does, per chunk of queries).
+    """
+
+    width: int                      # num_attention_heads x attention_head_dim
+    attention_layers: int           # image self-attention layers (joint attn + SD 3.5's attn2)
+    patch_size: int
+    text_tokens: int                # 77 CLIP + max_sequence_length T5 tokens
+    latent_channels: int
+    vae_scale: int
+    vae_channels: tuple[int, ...]
+    element_size: int
+    vae_element_size: int = 4
+    weights_bytes: int = 0
+
+    @classmethod
+    def from_model(cls, model: Any) -> "TransformerShape":
+        parts = [p for p in model.components().values()]
+        weights = sum(t.numel() * t.element_size() for part in parts for t in list(part.parameters()) + list(part.buffers()))
+        return cls.from_configs(dict(model.transformer.config), dict(model.vae.config),
+                                int(next(model.transformer.parameters()).dtype.itemsize), int(model.vae_dtype.itemsize),
+                                int(weights), text_tokens=77 + int(model.max_sequence_length))
+
+    @classmethod
+    def from_configs(cls, transformer: dict[str, Any], vae: dict[str, Any], element_size: int, vae_element_size: int = 4,
+                     weights_bytes: int = 0, text_tokens: int = 77 + 256) -> "TransformerShape":
+        """From ``transformer/config.json`` and ``vae/config.json`` of a diffusers SD 3 folder (no weights needed)."""
+        layers = int(transformer["num_layers"])
+        dual = len(transformer.get("dual_attention_layers") or ())
+        return cls(int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]), layers + dual,
+                   int(transformer["patch_size"]), int(text_tokens), int(transformer["in_channels"]),
+                   2 ** (len(vae["block_out_channels"]) - 1), tuple(vae["block_out_channels"]), element_size,
+                   vae_element_size, weights_bytes)
+
+    def image_tokens(self, h: int, w: int) -> int:
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    def self_attention_tokens(self, h: int, w: int) -> int:
+        """Tokens x channels a keyframe stores per branch: every image self-attention layer's output."""
+        return self.attention_layers * self.image_tokens(h, w) * self.width
+
+    def working_set(self, h: int, w: int, batch: int) -> int:
+        return batch * self.element_size * TRANSFORMER_FACTOR * (self.image_tokens(h, w) + self.text_tokens) * self.width
 
 
 @dataclass(frozen=True)
@@ -171,7 +232,7 @@ def vae_working_set(m: ModelShape, height: int, width: int, batch: int, decode: 
     return batch * m.vae_element_size * maps * height * width
 
 
-def estimate_peak(m: ModelShape, r: RunShape) -> MemoryEstimate:
+def estimate_peak(m: "ModelShape | TransformerShape", r: RunShape) -> MemoryEstimate:
     """The peak memory a run adds (host and device), from the shapes alone; see the module docstring."""
     h, w = r.height // m.vae_scale, r.width // m.vae_scale
     n, f32 = r.n_frames, 4
@@ -184,15 +245,16 @@ def estimate_peak(m: ModelShape, r: RunShape) -> MemoryEstimate:
     held = r.keyframes if r.held_keyframes is None else r.held_keyframes
     tokens = r.branches * held * m.self_attention_tokens(h, w) * m.element_size
     tokens += 2 * (r.branches - 1) * r.anchors * m.self_attention_tokens(h, w) * m.element_size  # anchors' K, V
+    net = "UNet" if isinstance(m, ModelShape) else "transformer"
     phases: dict[str, dict[str, tuple[int, bool]]] = {  # name -> part -> (bytes, on the device when CUDA)
         "encode": {"frames": (frames_u8 + batch_f32, False), "latents": (latents, False),
                    "VAE encoder": (vae_working_set(m, r.height, r.width, vb, decode=False), True)},
         "invert": {"frames": (frames_u8, False), "latents": (latents, False),
                    "inversion trajectory": (trajectory, False),
-                   "UNet": (unet_working_set(m, h, w, min(r.inversion_batch, n)), True)},
+                   net: (m.working_set(h, w, min(r.inversion_batch, n)), True)},
         "edit": {"frames": (frames_u8, False), "inversion trajectory": (trajectory, False),
                  "clean latents": (latents, False), "latents": (2 * latents, True), "keyframe tokens": (tokens, True),
-                 "UNet": (unet_working_set(m, h, w, r.branches * max(r.keyframes, min(r.chunk_size, n))), True)},
+                 net: (m.working_set(h, w, r.branches * max(r.keyframes, min(r.chunk_size, n))), True)},
         "decode": {"frames": (frames_u8 + output_u8 + batch_f32, False), "inversion trajectory": (trajectory, False),
                    "latents": (2 * latents, False),
                    "VAE decoder": (vae_working_set(m, r.height, r.width, vb, decode=True), True)},
@@ -325,6 +387,6 @@ def _gib(n: int) -> str:
     return f"{n / GIB:.1f} GiB" if n >= GIB / 10 else f"{n / MIB:.0f} MiB"
 
 
-__all__ = ["ModelShape", "RunShape", "MemoryEstimate", "estimate_peak", "check_memory", "largest_fitting_size", "length_growth",
+__all__ = ["ModelShape", "TransformerShape", "RunShape", "MemoryEstimate", "estimate_peak", "check_memory", "largest_fitting_size", "length_growth",
            "unet_working_set", "vae_working_set", "current_rss", "peak_rss", "free_host_memory",
            "free_device_memory"]

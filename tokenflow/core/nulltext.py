@@ -73,10 +73,13 @@ class NullTextInverter(Inverter):
     def settings(self) -> dict[str, Any]:
         return {"inverter": "nulltext", **asdict(self.config)}
 
-    def kept_timesteps(self, scheduler) -> list[int]:
+    def kept_timesteps(self, scheduler, image_seq_len: int | None = None) -> list[int]:
         return ddim_timesteps(scheduler, self.config.n_steps)
 
     def invert(self, model, clean: Tensor, prompt: str, progress: bool = True) -> InversionResult:
+        if getattr(model, "family", "unet") != "unet":
+            raise ConfigError(f"null-text inversion optimises DDIM's unconditional embeddings on an SD UNet, not "
+                              f"'{model.identity}' — use inverter=ddim (Euler-ODE inversion on flow-matching models)")
         c = self.config
         ddim = DDIMInverter(n_steps=c.n_steps, keep_steps=c.n_steps, batch_size=c.batch_size)
         inversion = ddim.invert(model, clean, prompt, progress=progress)
@@ -102,8 +105,8 @@ class NullTextInverter(Inverter):
         image = image_conditioning(model, inversion.clean[frames])
         image = None if image is None else image.to(model.device)
         targets = list(inversion.latents[1:, frames]) + [inversion.clean[frames]]  # x*_{t_{i+1}}, last: z0
-        saved = [p.requires_grad for p in model.unet.parameters()]
-        model.unet.requires_grad_(False)
+        saved = [p.requires_grad for p in model.denoiser.parameters()]
+        model.denoiser.requires_grad_(False)
         table = []
         try:
             for i, t in enumerate(timesteps):
@@ -116,7 +119,7 @@ class NullTextInverter(Inverter):
                     eps = _guided_eps(model, z, t, TextEmbedding(uncond, pooled), cond, c.guidance_scale, image)
                     z = model.ddim_step(z, eps, t, t_next)
         finally:
-            for p, flag in zip(model.unet.parameters(), saved):
+            for p, flag in zip(model.denoiser.parameters(), saved):
                 p.requires_grad_(flag)
         return torch.stack(table)
 

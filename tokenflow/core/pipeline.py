@@ -23,17 +23,16 @@ from tqdm.auto import tqdm
 from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime
 from tokenflow.core.correspondence_cache import record_key
 from tokenflow.core.distributed import Ranks
-from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step
-from tokenflow.core.inversion import DDIMInverter, Inverter
+from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step, check_pairing
+from tokenflow.core.inversion import DDIMInverter, Inverter, image_seq_len, kept_timesteps
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
 from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationInputs, Propagator, TokenFlowPropagator
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
-from tokenflow.models.ddim import ddim_timesteps, previous_timestep
-from tokenflow.models.layout import UNetLayout
 from tokenflow.models.loading import as_model
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, TeeTrajectory
+from tokenflow.samplers import Grid, Sampler, sampler_for
 from tokenflow.storage.cache import InversionCache, cache_key
 from tokenflow.storage.video import Video, frames_from_tensor, video_fingerprint
 
@@ -77,7 +76,7 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
             hit.trajectory.close()
             cache.remove(key)
     clean = encode_video(model, video)
-    shape = (len(set(inverter.kept_timesteps(model.scheduler))), *clean.shape)
+    shape = (len(set(kept_timesteps(inverter, model, tuple(clean.shape[-2:])))), *clean.shape)
     writer = cache.writer(key, shape) if cache is not None else None
     trajectory = FileTrajectory.temporary(shape, folder=temp_dir)
     store = trajectory if writer is None else TeeTrajectory(trajectory, writer.trajectory)
@@ -100,10 +99,10 @@ def entry_mismatch(entry: InversionResult, model, video: Video, inverter: Invert
 
     The checksum proves the file is what was written; this proves it is what was asked: the inverter's kept
     timesteps (noisiest first), one latent per frame at the model's latent size, the same settings and prompt."""
-    expected = sorted(set(inverter.kept_timesteps(model.scheduler)), reverse=True)
+    factor = model.vae_scale_factor
+    expected = sorted(set(kept_timesteps(inverter, model, (video.height // factor, video.width // factor))), reverse=True)
     if list(entry.timesteps) != expected:
         return f"timesteps {entry.timesteps[:3]}... where the inverter keeps {expected[:3]}..."
-    factor = model.vae_scale_factor
     shape = (video.n_frames, model.latent_channels, video.height // factor, video.width // factor)
     if tuple(entry.clean.shape) != shape or tuple(entry.trajectory.shape) != (len(expected), *shape):
         return f"latents {tuple(entry.trajectory.shape)} where the video needs {(len(expected), *shape)}"
@@ -132,7 +131,8 @@ class TokenFlowPipeline:
     def __init__(self, model, editor: KeyframeEditor, propagator: Propagator | None = None,
                  keyframes: KeyframeSchedule | None = None, inverter: Inverter | None = None,
                  n_steps: int = 50, chunk_size: int = 8, cache: InversionCache | None = None,
-                 attention: KeyframeAttention | None = None, ranks: Ranks | None = None) -> None:
+                 attention: KeyframeAttention | None = None, ranks: Ranks | None = None,
+                 sampler: Sampler | None = None) -> None:
         if n_steps < 1 or chunk_size < 1:
             raise ConfigError(f"n_steps={n_steps} and chunk_size={chunk_size} must be >= 1 — use positive numbers")
         self.model, self.editor = as_model(model), editor
@@ -146,12 +146,14 @@ class TokenFlowPipeline:
         self.keyframes = keyframes or RandomKeyframes()
         self.inverter = inverter or DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
         self.n_steps, self.chunk_size, self.cache = n_steps, chunk_size, cache
-        self.layout = UNetLayout.from_unet(self.model.unet)
+        self.sampler = sampler or sampler_for(self.model.scheduler)  # the model's scheduler config decides by default
+        self.layout = self.model.layout()
         self.unet_evaluations = 0
 
     # ---- one UNet call over branches -------------------------------------------------------------
-    def _predict(self, x: Tensor, inversion: InversionResult, step: Step) -> dict[str, Tensor]:
-        """Noise predictions by branch for edited latents ``x`` (F, C, h, w) of ``step.frames``, float32."""
+    def _predict(self, x: Tensor, inversion: InversionResult, step: Step, level) -> dict[str, Tensor]:
+        """Predictions by branch, in the sampler's guidance form (ε, velocity), for edited latents ``x`` (F, C, h, w)
+        of ``step.frames`` at ``level``, float32."""
         frames = step.frames.cpu()
         latents, texts, images, extras = [], [], [], []
         for branch in step.branches:
@@ -167,8 +169,9 @@ class TokenFlowPipeline:
                               "(zeros for an image-free branch)")
         image = None if images[0] is None else torch.cat([i.to(x) for i in images])
         batch = torch.cat(latents)
-        eps = self.model.predict_noise(batch, step.timestep, TextEmbedding.cat(texts), image_latents=image,
-                                       unet_kwargs=_merge_unet_inputs(extras, [len(z) for z in latents]))
+        out = self.model.predict(batch, step.timestep, TextEmbedding.cat(texts), image_latents=image,
+                                 extra=_merge_unet_inputs(extras, [len(z) for z in latents]))
+        eps = self.sampler.to_form(out, batch, level)
         self.unet_evaluations += batch.shape[0]
         return dict(zip(step.names, eps.chunk(len(step.branches))))
 
@@ -177,26 +180,29 @@ class TokenFlowPipeline:
         return edit if source is None or any(b.name == SOURCE for b in edit) else (source,) + edit
 
     def step_frames(self, runtime: TokenFlowRuntime, x: Tensor, inversion: InversionResult, index: int,
-                    timesteps: list[int], frames: Tensor, keyframes: Tensor, phase: str,
+                    timesteps: "Grid | list[int]", frames: Tensor, keyframes: Tensor, phase: str,
                     source: Branch | None) -> Tensor:
-        """One UNet call and DDIM step for ``frames`` of ``x`` in ``phase`` (keyframes/propagate/frames).
+        """One model call and sampler step for ``frames`` of ``x`` in ``phase`` (keyframes/propagate/frames), at
+        level ``index`` of ``timesteps`` (a :class:`~tokenflow.samplers.Grid`, or DDIM timesteps).
 
         Returns the new latents of those frames (F, C, h, w), float32 on the model's device.
         """
-        t = timesteps[index]
-        step = Step(index, t, len(timesteps), phase, frames, keyframes)  # type: ignore[arg-type]
+        grid = timesteps if isinstance(timesteps, Grid) else self.sampler.path(list(timesteps))
+        level = grid.levels[index]
+        t = level.timestep
+        step = Step(index, t, len(grid), phase, frames, keyframes)  # type: ignore[arg-type]
         step.branches = self._branches(step, source)
         runtime.step = step
         try:
             xf = x[frames].to(self.model.device, torch.float32)
-            eps = self.editor.guide(self._predict(xf, inversion, step), step)
-            new = self.model.ddim_step(xf, eps, t, previous_timestep(timesteps, index))
+            eps = self.editor.guide(self._predict(xf, inversion, step, level), step)
+            new = self.sampler.step(xf, eps, level, grid.after(index))
             return self.editor.step_end(new, step)
         finally:
             runtime.step = None
 
     def denoise_step(self, runtime: TokenFlowRuntime, x: Tensor, inversion: InversionResult, index: int,
-                     timesteps: list[int], keyframes: list[int], source: Branch | None) -> Tensor:
+                     timesteps: "Grid | list[int]", keyframes: list[int], source: Branch | None) -> Tensor:
         """One TokenFlow step over all frames: keyframe pass, then chunks with propagation → new latents.
 
         When the propagator reproduces a keyframe exactly (``reuses_keyframe_pass``), keyframes keep their
@@ -279,13 +285,18 @@ class TokenFlowPipeline:
         ``model.vae_batch`` at a time; with ``keep_frames=False`` the frames are not gathered (``frames`` is
         None) and decoding needs memory for one batch only, whatever the video's length.
         """
-        grid = ddim_timesteps(self.model.scheduler, self.n_steps)
+        levels = self.sampler.grid(self.n_steps, image_seq_len(self.model, tuple(inversion.clean.shape[-2:])))
+        grid = levels.timesteps
         inputs = EditInputs(self.model, inversion, prompt, negative_prompt,
                             inversion.prompt if inversion_prompt is None else inversion_prompt, grid,
-                            None if video is None else video.frames)
+                            None if video is None else video.frames, sampler=self.sampler, levels=levels)
+        check_pairing(self.editor, self.model, self.sampler)
         self.editor.check(self.model)
         self.editor.prepare(inputs)
         timesteps = self.editor.timesteps(grid)
+        path = levels[len(levels) - len(timesteps):] if timesteps else levels[len(levels):]
+        if path.timesteps != list(timesteps):  # not a tail of the grid: a custom editor's own timesteps
+            path = self.sampler.path(list(timesteps))
         missing = [t for t in timesteps if not inversion.has(t)]
         if missing and (self.editor.needs_source or self.propagator.uses_keyframes):
             raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
@@ -301,12 +312,12 @@ class TokenFlowPipeline:
         self.unet_evaluations = 0
         t0 = time.perf_counter()
         runtime = TokenFlowRuntime(self.editor, self.propagator, latent_hw=latent_hw, on_match=on_match)
-        runtime.install(self.model.unet, self.layout)
+        runtime.install(self.model.denoiser, self.layout)
         try:
             with torch.no_grad():
                 cause = likely_cause(self.model.dtype, self.editor.guidance_weight)
                 for i in tqdm(range(len(timesteps)), desc="TokenFlow editing", unit="step", disable=not progress):
-                    x = self.denoise_step(runtime, x, inversion, i, timesteps, schedule[i], source)
+                    x = self.denoise_step(runtime, x, inversion, i, path, schedule[i], source)
                     check_latents(x, "edit", i, len(timesteps), timesteps[i], cause)
             self.propagator.finish()
         finally:
@@ -329,7 +340,8 @@ class TokenFlowPipeline:
                  output: FrameSink | Sequence[FrameSink] = (), keep_frames: bool = True) -> EditResult:
         """Invert ``video`` (cached; the trajectory on disk) and edit it towards ``prompt`` (``output``,
         ``keep_frames``: see :meth:`edit`)."""
-        self.editor.check(self.model)  # before the inversion: a model the editor cannot drive fails at once
+        check_pairing(self.editor, self.model, self.sampler)  # before the inversion: a model the editor
+        self.editor.check(self.model)  # cannot drive fails at once
         t0 = time.perf_counter()
         inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
         t_inv = time.perf_counter() - t0

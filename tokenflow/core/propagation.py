@@ -24,6 +24,7 @@ from torch import Tensor
 from tokenflow.core.correspondence_cache import CorrespondenceRecord, record_key
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError
+from tokenflow.models.layout import MMDiTLayout
 from tokenflow.options import choice
 from tokenflow.paths import default_cache_dir
 
@@ -175,6 +176,9 @@ class TokenFlowPropagatorConfig:
                                                       # library's cache dir)
     stages: Optional[list[Stage]] = None              # UNet stages whose self-attention is propagated (None: all,
                                                       # the method); the others attend per frame (an ablation)
+    blocks: Optional[list[int]] = None                # MMDiT (SD 3) blocks whose image self-attention is propagated
+                                                      # (None: every block, as the paper on the UNet); the others
+                                                      # attend per frame
 
     def __post_init__(self) -> None:
         self.blend = choice(Blend, self.blend, "propagator.blend")
@@ -185,6 +189,8 @@ class TokenFlowPropagatorConfig:
             self.stages = [choice(Stage, s, "propagator.stages[]") for s in self.stages]
             if not self.stages:
                 raise ConfigError("propagator.stages=[] propagates nothing — use propagator=none for per-frame editing")
+        if self.blocks is not None and not self.blocks:
+            raise ConfigError("propagator.blocks=[] propagates nothing — use propagator=none for per-frame editing")
 
 
 class TokenFlowPropagator(Propagator):
@@ -221,12 +227,22 @@ class TokenFlowPropagator(Propagator):
 
     def prepare(self, inputs: PropagationInputs) -> None:
         self._layers = None
-        if self.config.stages is not None:
-            if inputs.layout is None:
-                raise ConfigError("propagator.stages needs the UNet layout in PropagationInputs — run through "
+        for knob in ("stages", "blocks"):
+            if getattr(self.config, knob) is not None and inputs.layout is None:
+                raise ConfigError(f"propagator.{knob} needs the model's layout in PropagationInputs — run through "
                                   "TokenFlowPipeline")
+        is_mmdit = isinstance(inputs.layout, MMDiTLayout)
+        if self.config.stages is not None:
+            if is_mmdit:
+                raise ConfigError("propagator.stages names UNet stages (down/mid/up); this model is an MMDiT — choose "
+                                  "transformer blocks with propagator.blocks=[...]")
             wanted = {s.value for s in self.config.stages}
             self._layers = frozenset(n for n in inputs.layout.self_attention if inputs.layout.stage[n] in wanted)
+        if self.config.blocks is not None:
+            if not is_mmdit:
+                raise ConfigError("propagator.blocks names MMDiT (SD 3) transformer blocks; this model is a UNet — "
+                                  "choose stages with propagator.stages=[down,mid,up]")
+            self._layers = frozenset(inputs.layout.blocks_self_attention(list(self.config.blocks)))
         self._record, self._recording = None, False
         if not self.config.reuse_correspondences:
             return

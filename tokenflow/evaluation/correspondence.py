@@ -171,7 +171,7 @@ def source_tokens(model, inversion: InversionResult, layer: str | int, timestep:
     source = pipe.source_branch(prompt)  # the branch TokenFlow's edit runs: inversion prompt, inverted latents
     x = inversion.at(timestep)
     parts = []
-    runtime = TokenFlowRuntime(pipe.editor, pipe.propagator, latent_hw=tuple(x.shape[-2:])).install(model.unet, pipe.layout)
+    runtime = TokenFlowRuntime(pipe.editor, pipe.propagator, latent_hw=tuple(x.shape[-2:])).install(model.denoiser, pipe.layout)
     try:
         with torch.no_grad():
             for chunk in _frame_indices(frames, inversion.n_frames).split(chunk_size):
@@ -198,7 +198,7 @@ def compute_field(model, inversion: InversionResult, layer: str | int, timestep:
         raise ConfigError("compute_field needs at least one keyframe — e.g. keyframes=[0]")
     frames_t = _frame_indices(frames, inversion.n_frames)
     kf = _frame_indices(sorted({int(k) for k in keyframes}), inversion.n_frames)
-    name = resolve_layer(UNetLayout.from_unet(model.unet), layer)
+    name = resolve_layer(model.layout(), layer)
     wanted = torch.unique(torch.cat([frames_t, kf]))  # run every frame once, keyframes included
     tokens = source_tokens(model, inversion, name, timestep, wanted, inversion_prompt, chunk_size)
     query = tokens[torch.searchsorted(wanted, frames_t).to(tokens.device)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -18,6 +18,9 @@ from torch import Tensor
 from tokenflow.errors import ConfigError, ModelLoadError
 from tokenflow.models.ddim import alpha_bar, check_scheduler, clip_range, ddim_step, to_epsilon
 from tokenflow.models.fingerprint import model_fingerprint, weights_fingerprint, weights_signature
+
+if TYPE_CHECKING:
+    from tokenflow.models.layout import UNetLayout
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +88,55 @@ class _Fingerprint:
         model._weights = (weights_signature(model) if value else (), value)
 
 
+class VAECoding:
+    """Images ↔ latents through a backbone's ``vae`` (``vae_batch`` frames per call), shared by every family:
+    latents = (posterior mean − ``shift_factor``) × ``scaling_factor`` (SD's VAEs have no shift; SD 3's has)."""
+
+    vae: torch.nn.Module
+    device: torch.device
+    vae_batch: int
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_scale(self) -> float:
+        return float(self.vae.config.scaling_factor)
+
+    @property
+    def latent_shift(self) -> float:
+        return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @torch.no_grad()
+    def encode_images(self, images: Tensor) -> Tensor:
+        """Images (N, 3, H, W) in [-1, 1] → latents (N, C, H/8, W/8) float32: (posterior mean − shift) × scale."""
+        latents = []
+        for chunk in images.split(self.vae_batch):
+            mean = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist.mean.float()
+            if self.latent_shift:
+                mean = mean - self.latent_shift
+            latents.append(mean * self.latent_scale)
+        return torch.cat(latents).contiguous()  # the VAE may hand back channels-last; keep one memory layout
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Latents (N, C, h, w) → images (N, 3, 8h, 8w) in [-1, 1], float32 on CPU."""
+        images = []
+        for chunk in latents.split(self.vae_batch):
+            z = chunk.to(self.device, self.vae_dtype) / self.latent_scale
+            if self.latent_shift:
+                z = z + self.latent_shift
+            images.append(self.vae.decode(z).sample.float().clamp(-1, 1).cpu())
+        return torch.cat(images)
+
+
 @dataclass
-class DiffusionModel:
+class DiffusionModel(VAECoding):
     """The components TokenFlow needs, on one device and dtype.
 
     ``identity`` names where the weights came from (for logs); ``fingerprint`` identifies the model by
@@ -127,7 +177,29 @@ class DiffusionModel:
 
         return from_pipeline(pipe, device, dtype)
 
+    family = "unet"
+
     # ---- what kind of model ----------------------------------------------------------------------
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The network evaluated at every step (the UNet)."""
+        return self.unet
+
+    def components(self) -> dict[str, torch.nn.Module]:
+        """The model's networks by component name (what the fingerprint reads)."""
+        parts = {"unet": self.unet, "vae": self.vae, "text_encoder": self.text_encoder,
+                 "text_encoder_2": self.text_encoder_2}
+        return {name: part for name, part in parts.items() if part is not None}
+
+    def tokenizers(self) -> list[Any]:
+        return [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+
+    def layout(self) -> "UNetLayout":
+        """The UNet's hook sites (self-/cross-attention layers, decoder layers), derived from its structure."""
+        from tokenflow.models.layout import UNetLayout
+
+        return UNetLayout.from_unet(self.unet)
+
     @property
     def is_sdxl(self) -> bool:
         """The UNet takes SDXL's added time/text conditioning."""
@@ -140,18 +212,6 @@ class DiffusionModel:
     @property
     def latent_channels(self) -> int:
         return int(self.vae.config.latent_channels)
-
-    @property
-    def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def latent_scale(self) -> float:
-        return float(self.vae.config.scaling_factor)
-
-    @property
-    def vae_dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
 
     # ---- text ------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -196,14 +256,13 @@ class DiffusionModel:
         """DDIM from the noise level of ``t_from`` to that of ``t_to`` (either direction), float32."""
         return ddim_step(x, eps, self.alpha(t_from), self.alpha(t_to), clip_range(self.scheduler))
 
-    def predict_noise(self, latents: Tensor, t: int, text: TextEmbedding | Tensor, *, level: int | None = None,
-                      image_latents: Tensor | None = None, unet_kwargs: dict[str, Any] | None = None) -> Tensor:
-        """The noise ε (B, C, h, w), float32, the UNet predicts for ``latents`` (B, C, h, w) at timestep ``t``.
+    def predict(self, latents: Tensor, t: int, text: TextEmbedding | Tensor, *, image_latents: Tensor | None = None,
+                extra: dict[str, Any] | None = None) -> Tensor:
+        """The UNet's raw output (B, C, h, w), float32, for ``latents`` (B, C, h, w) at timestep ``t``, in the
+        checkpoint's ``prediction_type`` (the sampler converts it to the form it steps with).
 
-        ``text``: (B, L, D) conditioning; ``level``: the timestep whose noise level the latents are at, for
-        converting v/x0 predictions (default ``t``; inversion evaluates the UNet one step above it).
-        ``image_latents`` (B, C', h, w): extra input channels (InstructPix2Pix, depth), concatenated.
-        ``unet_kwargs``: further UNet inputs (e.g. ControlNet residuals). Differentiable (null-text).
+        ``text``: (B, L, D) conditioning. ``image_latents`` (B, C', h, w): extra input channels (InstructPix2Pix,
+        depth), concatenated. ``extra``: further UNet inputs (e.g. ControlNet residuals). Differentiable (null-text).
         """
         text = as_text_embedding(text)
         x = latents if image_latents is None else torch.cat([latents, image_latents.to(latents)], dim=1)
@@ -214,7 +273,7 @@ class DiffusionModel:
                               + ("an inpainting or image-conditioned UNet needs an editor that supplies its extra "
                                  "channels (e.g. editor=ip2p), or use a text-to-image checkpoint"
                                  if expected > latents.shape[1] else "use a text-to-image checkpoint"))
-        kwargs = dict(unet_kwargs or {})
+        kwargs = dict(extra or {})
         if self.is_sdxl:
             if text.pooled is None:
                 raise ConfigError("SDXL needs a pooled text embedding in every branch — build branch embeddings with "
@@ -223,6 +282,14 @@ class DiffusionModel:
                                            "time_ids": self.time_ids(x.shape[0], tuple(latents.shape[-2:]))}
         out = self.unet(x.to(self.device, self.dtype), t, encoder_hidden_states=text.hidden.to(self.device, self.dtype),
                         **kwargs).sample
+        return out.float()
+
+    def predict_noise(self, latents: Tensor, t: int, text: TextEmbedding | Tensor, *, level: int | None = None,
+                      image_latents: Tensor | None = None, unet_kwargs: dict[str, Any] | None = None) -> Tensor:
+        """The noise ε (B, C, h, w), float32, the UNet predicts for ``latents`` at timestep ``t``: :meth:`predict`
+        converted from the checkpoint's ``prediction_type`` at the noise level of ``level`` (default ``t``;
+        inversion evaluates the UNet one step above the latents' level)."""
+        out = self.predict(latents, t, text, image_latents=image_latents, extra=unet_kwargs)
         return to_epsilon(out, latents.to(out.device), self.alpha(t if level is None else level), self.prediction_type)
 
     def time_ids(self, batch: int, latent_hw: tuple[int, int]) -> Tensor:
@@ -230,25 +297,6 @@ class DiffusionModel:
         h, w = (s * self.vae_scale_factor for s in latent_hw)
         ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype)
         return ids.expand(batch, -1)
-
-    # ---- the VAE ---------------------------------------------------------------------------------
-    @torch.no_grad()
-    def encode_images(self, images: Tensor) -> Tensor:
-        """Images (N, 3, H, W) in [-1, 1] → latents (N, C, H/8, W/8) float32: posterior mean × scaling factor."""
-        latents = []
-        for chunk in images.split(self.vae_batch):
-            posterior = self.vae.encode(chunk.to(self.device, self.vae_dtype)).latent_dist
-            latents.append(posterior.mean.float() * self.latent_scale)
-        return torch.cat(latents).contiguous()  # the VAE may hand back channels-last; keep one memory layout
-
-    @torch.no_grad()
-    def decode_latents(self, latents: Tensor) -> Tensor:
-        """Latents (N, C, h, w) → images (N, 3, 8h, 8w) in [-1, 1], float32 on CPU."""
-        images = []
-        for chunk in latents.split(self.vae_batch):
-            out = self.vae.decode(chunk.to(self.device, self.vae_dtype) / self.latent_scale).sample
-            images.append(out.float().clamp(-1, 1).cpu())
-        return torch.cat(images)
 
 
 def check_architecture(unet: torch.nn.Module, text_encoder_2: torch.nn.Module | None = None) -> None:

@@ -80,7 +80,7 @@ def weights_fingerprint(model: Any) -> str:
         h.update(name.encode())
         h.update(json.dumps(public_config(part.config), sort_keys=True, default=str).encode())
         h.update(module_digest(part).encode())
-    for tokenizer in (model.tokenizer, getattr(model, "tokenizer_2", None)):
+    for tokenizer in model.tokenizers():
         if tokenizer is not None:
             h.update(f"{type(tokenizer).__name__}|{len(tokenizer)}|{tokenizer.model_max_length}".encode())
     h.update(json.dumps(public_config(model.scheduler.config), sort_keys=True, default=str).encode())
@@ -145,9 +145,8 @@ def model_fingerprint(model: Any, weights: str | None = None) -> str:
 
 
 def _components(model: Any) -> dict[str, torch.nn.Module]:
-    parts = {"unet": model.unet, "vae": model.vae, "text_encoder": model.text_encoder,
-             "text_encoder_2": getattr(model, "text_encoder_2", None)}
-    return {name: part for name, part in parts.items() if part is not None}
+    """The backbone's networks by name (SD: unet, vae, text encoders; SD 3: transformer, vae, three text encoders)."""
+    return model.components()
 
 
 def _number(value: Any) -> float | str:

@@ -119,3 +119,54 @@ def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
     if h * w != n_tokens:
         raise ValueError(f"{n_tokens} tokens match no downsampling of a {latent_hw} latent")
     return h, w
+
+
+@dataclass(frozen=True)
+class MMDiTLayout:
+    """Hook sites of an MMDiT (SD 3 / 3.5) transformer, derived from its blocks: the one place that knows them.
+
+    ``self_attention``: the layers whose image tokens attend to each other, in execution order —
+    ``transformer_blocks.{i}.attn`` (joint image+text attention) and, in SD 3.5's dual-attention blocks,
+    ``transformer_blocks.{i}.attn2`` (image-only). ``block`` maps each to its block index; ``patch_size``
+    is the transformer's patch embedding stride (tokens per frame: (h/p)·(w/p)).
+    """
+
+    self_attention: tuple[str, ...]
+    block: dict[str, int]
+    n_blocks: int
+    patch_size: int
+
+    cross_attention: tuple[str, ...] = ()  # no separate cross-attention: text enters the joint attention
+
+    @classmethod
+    def from_transformer(cls, transformer: torch.nn.Module) -> "MMDiTLayout":
+        names: list[str] = []
+        block: dict[str, int] = {}
+        blocks = getattr(transformer, "transformer_blocks", None)
+        if blocks is None:
+            raise ConfigError(f"{type(transformer).__name__} has no transformer_blocks — an MMDiT (SD 3) transformer is needed")
+        for i, b in enumerate(blocks):
+            for child in ("attn", "attn2"):  # JointTransformerBlock.forward runs attn, then attn2
+                module = getattr(b, child, None)
+                if module is not None and hasattr(module, "processor"):
+                    names.append(f"transformer_blocks.{i}.{child}")
+                    block[names[-1]] = i
+        return cls(tuple(names), block, len(blocks), int(transformer.config.patch_size))
+
+    def blocks_self_attention(self, indices: list[int] | tuple[int, ...]) -> tuple[str, ...]:
+        """The image self-attention layers of the given blocks; an index out of range is an error."""
+        for i in indices:
+            if not 0 <= i < self.n_blocks:
+                raise ConfigError(f"block {i} does not exist — this transformer has blocks 0-{self.n_blocks - 1}")
+        wanted = set(indices)
+        return tuple(n for n in self.self_attention if self.block[n] in wanted)
+
+
+def patch_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
+    """(h/p, w/p) token grid of a patch-embedded latent of size ``latent_hw`` with ``n_tokens`` tokens (row-major);
+    the patch size p is derived from the token count."""
+    h, w = latent_hw
+    p = round((h * w / n_tokens) ** 0.5) if n_tokens > 0 else 0
+    if p < 1 or h % p or w % p or (h // p) * (w // p) != n_tokens:
+        raise ValueError(f"{n_tokens} tokens match no patch size of a {latent_hw} latent")
+    return h // p, w // p

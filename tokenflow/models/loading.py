@@ -15,6 +15,7 @@ import torch
 
 from tokenflow.errors import ConfigError, ModelLoadError
 from tokenflow.models.backbone import DiffusionModel
+from tokenflow.models.mmdit import SD3Model
 from tokenflow.models.tiny import DEFAULT_TINY_VARIANT
 
 log = logging.getLogger(__name__)
@@ -83,11 +84,20 @@ def _is_sdxl(index: dict[str, Any], path: str) -> bool:
     return has_second
 
 
-def as_model(obj: Any) -> DiffusionModel:
-    """``obj`` as a :class:`DiffusionModel`: itself, or a diffusers pipeline's components; anything else is refused."""
-    if isinstance(obj, DiffusionModel):
+def _is_mmdit(index: dict[str, Any], path: str) -> bool:
+    """An SD 3 folder: model_index.json names a StableDiffusion3 pipeline or lists a transformer and no unet."""
+    if index:
+        return str(index.get("_class_name", "")).startswith("StableDiffusion3") or (
+            _listed(index, "transformer") and not _listed(index, "unet"))
+    return (Path(path) / "transformer").is_dir() and not (Path(path) / "unet").is_dir()
+
+
+def as_model(obj: Any) -> "DiffusionModel | SD3Model":
+    """``obj`` as a backbone: itself, or a diffusers pipeline's components; anything else is refused."""
+    if isinstance(obj, (DiffusionModel, SD3Model)):
         return obj
-    if all(hasattr(obj, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")):
+    if all(hasattr(obj, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")) or \
+            getattr(obj, "transformer", None) is not None:
         return from_pipeline(obj)
     raise ModelLoadError(f"expected a model, got {type(obj).__name__} — pass load_model(...)'s result or a loaded "
                          "StableDiffusionPipeline/StableDiffusionXLPipeline")
@@ -95,13 +105,16 @@ def as_model(obj: Any) -> DiffusionModel:
 
 def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", revision: str | None = None,
                variant: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
-               tiny_seed: int = 0, tiny_variant: str = DEFAULT_TINY_VARIANT) -> DiffusionModel:
-    """Load SD 1.x/2.x or SDXL components from a hub id, a local folder, or ``tiny`` (built offline, cached).
+               tiny_seed: int = 0, tiny_variant: str = DEFAULT_TINY_VARIANT,
+               max_sequence_length: int | None = None) -> "DiffusionModel | SD3Model":
+    """Load SD 1.x/2.x, SDXL or SD 3/3.5 components from a hub id, a local folder, or ``tiny`` (built offline, cached).
 
-    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21 or sdxl: the published
-    config of that checkpoint with tiny widths, see :mod:`tokenflow.models.variants`), built once under
+    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21, sdxl, sd3-medium or
+    sd35-medium: the published config of that checkpoint with tiny widths, see
+    :mod:`tokenflow.models.variants` and :mod:`tokenflow.models.variants_mmdit`), built once under
     ``cache_dir`` (default: the library's user cache dir) and then loaded like any folder. An already
-    loaded diffusers pipeline is accepted too (see :func:`from_pipeline`).
+    loaded diffusers pipeline is accepted too (see :func:`from_pipeline`). ``max_sequence_length``: T5 tokens per
+    prompt of an SD 3 model (default the pipeline's 256).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -115,17 +128,23 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
     identity = source
     if source == "tiny":
         from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
+        from tokenflow.models.tiny_mmdit import TinyMMDiTSpec, tiny_mmdit_folder
+        from tokenflow.models.variants_mmdit import MMDIT_CHECKPOINTS
         from tokenflow.paths import default_cache_dir
 
-        spec = TinyModelSpec(seed=tiny_seed, variant=tiny_variant)
-        path = str(tiny_model_folder(cache_dir or default_cache_dir(), spec))
+        if tiny_variant in MMDIT_CHECKPOINTS:
+            spec = TinyMMDiTSpec(seed=tiny_seed, variant=tiny_variant)
+            path = str(tiny_mmdit_folder(cache_dir or default_cache_dir(), spec))
+        else:
+            spec = TinyModelSpec(seed=tiny_seed, variant=tiny_variant)
+            path = str(tiny_model_folder(cache_dir or default_cache_dir(), spec))
         identity = f"tiny:{tiny_variant}:{spec.key()}"
         local_files_only = True
     else:
         path = source
         if Path(source).expanduser().exists():
             path = str(Path(source).expanduser().resolve())
-            if not (Path(path) / "unet").is_dir():
+            if not (Path(path) / "unet").is_dir() and not (Path(path) / "transformer").is_dir():
                 raise ModelLoadError(f"model folder '{path}' has no unet/ subfolder — point model.source at a "
                                      "diffusers Stable Diffusion folder (save_pretrained layout)")
             identity = path
@@ -133,6 +152,17 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
             raise ModelLoadError(f"model folder '{source}' does not exist — check the path or use a hub id")
     kw: dict[str, Any] = dict(revision=revision, local_files_only=local_files_only)
     index = _model_index(path, local_files_only, revision)
+    if _is_mmdit(index, path):
+        model = _load_mmdit(path, source, identity, dev, torch_dtype, variant, index, kw)
+        if max_sequence_length is not None:
+            if not 1 <= int(max_sequence_length) <= 512:
+                raise ConfigError(f"model.max_sequence_length={max_sequence_length} must be in 1..512 — T5 reads at "
+                                  "most 512 tokens; 256 is the SD 3 pipeline's default")
+            model.max_sequence_length = int(max_sequence_length)
+        return model
+    if max_sequence_length is not None:
+        raise ConfigError(f"model.max_sequence_length={max_sequence_length} sets SD 3's T5 tokens; '{source}' is an SD "
+                          "UNet model with CLIP's fixed 77 — drop the setting")
     sdxl = _is_sdxl(index, path)
     try:
         unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=torch_dtype, variant=variant, **kw)
@@ -155,17 +185,71 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
                      tokenizer_2)
 
 
-def _assemble(vae, text_encoder, tokenizer, unet, scheduler, device: torch.device, dtype: torch.dtype, identity: str,
-              text_encoder_2=None, tokenizer_2=None) -> DiffusionModel:
-    """Move the components to one device/dtype (the VAE in float32 where its config asks), eval, no grads."""
-    for part in (unet, vae, text_encoder, text_encoder_2):
+def _place(parts: list, vae, device: torch.device, dtype: torch.dtype) -> None:
+    """Every component on ``device`` in ``dtype``, in eval mode without grads; the VAE in float32 under fp16
+    where its config asks (SDXL's and SD 3's VAEs overflow in fp16; diffusers upcasts them the same way)."""
+    for part in [*parts, vae]:
         if part is not None:
             part.to(device)
             if next(part.parameters()).dtype != dtype:
                 part.to(dtype)
             part.eval().requires_grad_(False)
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-        vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (diffusers upcasts it the same way)
+        vae.to(torch.float32)
+
+
+def _load_mmdit(path: str, source: str, identity: str, device: torch.device, dtype: torch.dtype, variant: str | None,
+                index: dict[str, Any], kw: dict[str, Any]) -> SD3Model:
+    """The components of an SD 3 / 3.5 folder, each through its own ``from_pretrained`` (T5 only if listed)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+    weights = dict(torch_dtype=dtype, variant=variant, **kw)
+    try:
+        parts: dict[str, Any] = {
+            "transformer": SD3Transformer2DModel.from_pretrained(path, subfolder="transformer", **weights),
+            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
+            "text_encoder": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder", **weights),
+            "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2", **weights),
+            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+            "tokenizer_2": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        }
+        if not index or _listed(index, "text_encoder_3"):
+            parts["text_encoder_3"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **weights)
+            parts["tokenizer_3"] = _tokenizer_3(path, index, kw) or AutoTokenizer.from_pretrained(
+                path, subfolder="tokenizer_3", **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while online "
+            "(or set HF_HUB_OFFLINE=0), or use model=tiny model.tiny_variant=sd35-medium for the offline test model") from e
+    return _assemble_mmdit(parts, device, dtype, identity)
+
+
+def _tokenizer_3(path: str, index: dict[str, Any], kw: dict[str, Any]):
+    """The T5 slot's tokenizer by the class model_index.json names (ByT5Tokenizer in the tiny builds), else None."""
+    entry = index.get("tokenizer_3") if index else None
+    if not entry or entry[0] != "transformers":
+        return None
+    import transformers
+
+    cls = getattr(transformers, str(entry[1]), None)
+    return None if cls is None else cls.from_pretrained(path, subfolder="tokenizer_3", **kw)
+
+
+def _assemble_mmdit(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, identity: str) -> SD3Model:
+    """:func:`_assemble` for SD 3."""
+    _place([parts.get(n) for n in ("transformer", "text_encoder", "text_encoder_2", "text_encoder_3")], parts["vae"],
+           device, dtype)
+    log.info("loaded %s on %s (%s)", identity, device, str(dtype).replace("torch.", ""))
+    return SD3Model(device=device, dtype=dtype, identity=identity, **parts)
+
+
+def _assemble(vae, text_encoder, tokenizer, unet, scheduler, device: torch.device, dtype: torch.dtype, identity: str,
+              text_encoder_2=None, tokenizer_2=None) -> DiffusionModel:
+    """Move the components to one device/dtype (the VAE in float32 where its config asks), eval, no grads."""
+    _place([unet, text_encoder, text_encoder_2], vae, device, dtype)
     log.info("loaded %s on %s (%s)", identity, device, str(dtype).replace("torch.", ""))
     return DiffusionModel(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                           device=device, dtype=dtype, identity=identity, text_encoder_2=text_encoder_2,
@@ -179,8 +263,21 @@ def from_pipeline(pipe: Any, device: str | torch.device | None = None, dtype: st
     ``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler``); the scheduler's config is used
     for DDIM. ``device``/``dtype`` default to the UNet's.
     """
-    from diffusers import DDIMScheduler
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if getattr(pipe, "transformer", None) is not None:  # StableDiffusion3Pipeline-like
+        missing = [name for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing:
+            raise ModelLoadError(f"{type(pipe).__name__} has a transformer but no {', '.join(missing)} — pass a "
+                                 "StableDiffusion3Pipeline (text_encoder_3 may be None)")
+        dev = torch.device(device) if device is not None else next(pipe.transformer.parameters()).device
+        torch_dtype = resolve_dtype(dtype, dev) if dtype is not None else next(pipe.transformer.parameters()).dtype
+        name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+        parts = {k: getattr(pipe, k, None) for k in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                                                      "tokenizer_2", "text_encoder_3", "tokenizer_3")}
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        return _assemble_mmdit(parts, dev, torch_dtype, f"pipeline:{name}")
     missing = [name for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
                if getattr(pipe, name, None) is None]
     if missing:

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -96,27 +97,43 @@ def build_tiny_pipeline(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     ckpt = tiny(checkpoint(spec.variant), spec.width_divisor)
-    generator_state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(spec.seed)  # module initialisers draw from the global RNG; restored below
-        unet = UNet2DConditionModel(**ckpt.unet)
-        with torch.no_grad():
-            unet.conv_out.weight.mul_(spec.output_damping)
-            unet.conv_out.bias.mul_(spec.output_damping)
+    with seeded(spec.seed):
+        unet = damped(UNet2DConditionModel(**ckpt.unet), "conv_out", spec.output_damping)
         vae = AutoencoderKL(**ckpt.vae)
         text_encoders = _text_encoders(ckpt)
         _calibrate_latents(vae, spec.seed)
-    finally:
-        torch.random.set_rng_state(generator_state)
-    unet.save_pretrained(folder / "unet")
-    vae.save_pretrained(folder / "vae")
-    for name, encoder in text_encoders.items():
-        encoder.save_pretrained(folder / name)
+    save_components(folder, {"unet": unet, "vae": vae, **text_encoders})
     for i, options in enumerate(ckpt.tokenizers):
         _save_tokenizer(folder / _numbered("tokenizer", i), **options)
     _save_scheduler(folder / "scheduler", ckpt.scheduler)
     (folder / "model_index.json").write_text(json.dumps(_model_index(ckpt), indent=2))
     (folder / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "format": TINY_FORMAT_VERSION}, indent=2))
+
+
+@contextmanager
+def seeded(seed: int):
+    """Module initialisers draw from the global RNG: seed it for a build, and restore its state afterwards."""
+    state = torch.random.get_rng_state()
+    try:
+        torch.manual_seed(seed)
+        yield
+    finally:
+        torch.random.set_rng_state(state)
+
+
+@torch.no_grad()
+def damped(model: torch.nn.Module, layer: str, factor: float) -> torch.nn.Module:
+    """``model`` with its output ``layer``'s weight and bias scaled by ``factor`` (a random model's output is large)."""
+    out = model.get_submodule(layer)
+    out.weight.mul_(factor)
+    out.bias.mul_(factor)
+    return model
+
+
+def save_components(folder: Path, parts: dict[str, torch.nn.Module]) -> None:
+    """Each component in its subfolder, diffusers' layout."""
+    for name, part in parts.items():
+        part.save_pretrained(folder / name)
 
 
 def _numbered(name: str, i: int) -> str:

@@ -224,18 +224,19 @@ class InversionResult:
         """The whole trajectory (T, N, 4, h, w) (read from the store: T x N latents in RAM)."""
         return self.trajectory.tensor()
 
-    def at(self, t: int, frames: Frames = None) -> Tensor:
-        """Latents at timestep ``t`` (N, 4, h, w), optionally only ``frames`` (one slab read for a stored trajectory)."""
+    def at(self, t: int | float, frames: Frames = None) -> Tensor:
+        """Latents at timestep ``t`` (N, C, h, w), optionally only ``frames`` (one slab read for a stored trajectory).
+        ``t`` is a model timestep as the sampler's grid gives it (DDIM: an integer; flow matching: σ·T, a float)."""
         try:
-            i = self.timesteps.index(int(t))
+            i = self.timesteps.index(_timestep(t))
         except ValueError:
             raise ConfigError(
-                f"the inversion holds no latent at t={int(t)} (it kept {len(self.timesteps)} timesteps "
+                f"the inversion holds no latent at t={_timestep(t)} (it kept {len(self.timesteps)} timesteps "
                 f"{self.timesteps[0]}..{self.timesteps[-1]}) — invert with keep_steps equal to the editor's n_steps") from None
         return self.trajectory.read(i, frames)
 
-    def has(self, t: int) -> bool:
-        return int(t) in self.timesteps
+    def has(self, t: int | float) -> bool:
+        return _timestep(t) in self.timesteps
 
     @property
     def n_frames(self) -> int:
@@ -269,3 +270,8 @@ def _itemsize(dtype: torch.dtype) -> int:
 def _bytes(t: Tensor) -> memoryview:
     """The bytes of a contiguous CPU tensor, writable in place."""
     return memoryview(t.view(torch.uint8).numpy()).cast("B") if t.numel() else memoryview(bytearray())
+
+
+def _timestep(t: Any) -> int | float:
+    """A timestep as a Python number (a 0-d tensor or numpy scalar read out; never truncated)."""
+    return t.item() if hasattr(t, "item") else t

@@ -179,7 +179,8 @@ CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (SD15, SD21_BASE, SD21,
 def checkpoint(name: str) -> Checkpoint:
     """The checkpoint called ``name`` (sd15, sd21-base, sd21, sdxl); one clear error otherwise."""
     if name not in CHECKPOINTS:
-        raise ConfigError(f"model variant {name!r} is unknown — use one of {', '.join(CHECKPOINTS)}")
+        raise ConfigError(f"model variant {name!r} is unknown — use one of {', '.join(CHECKPOINTS)}, sd3-medium, "
+                          "sd35-medium")
     return CHECKPOINTS[name]
 
 
