@@ -131,8 +131,7 @@ class TokenFlowPipeline:
     def __init__(self, model, editor: KeyframeEditor, propagator: Propagator | None = None,
                  keyframes: KeyframeSchedule | None = None, inverter: Inverter | None = None,
                  n_steps: int = 50, chunk_size: int = 8, cache: InversionCache | None = None,
-                 attention: KeyframeAttention | None = None, ranks: Ranks | None = None,
-                 sampler: Sampler | None = None) -> None:
+                 attention: KeyframeAttention | None = None, ranks: Ranks | None = None) -> None:
         if n_steps < 1 or chunk_size < 1:
             raise ConfigError(f"n_steps={n_steps} and chunk_size={chunk_size} must be >= 1 — use positive numbers")
         self.model, self.editor = as_model(model), editor
@@ -146,7 +145,9 @@ class TokenFlowPipeline:
         self.keyframes = keyframes or RandomKeyframes()
         self.inverter = inverter or DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
         self.n_steps, self.chunk_size, self.cache = n_steps, chunk_size, cache
-        self.sampler = sampler or sampler_for(self.model.scheduler)  # the model's scheduler config decides by default
+        # the model's scheduler config decides the sampler, for the inversion as for the edit (and it enters the
+        # model's fingerprint, so cached inversions never mix samplers): to sample otherwise, set model.scheduler
+        self.sampler: Sampler = sampler_for(self.model.scheduler)
         self.layout = self.model.layout()
         self.unet_evaluations = 0
 
