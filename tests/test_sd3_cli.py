@@ -34,3 +34,14 @@ def test_an_editor_that_drives_unet_blocks_is_refused_in_one_line(tmp_path, cach
     assert len(errors) == 1 and "PnPEditor drives an SD UNet" in errors[0] and "editor=kv_injection" in errors[0], \
         result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_scored_sd35_run_reports_the_video_metrics(tmp_path, cache_dir):
+    args = [a for a in SD35 if a != "metrics=none"]  # tiny_smoke's metrics: warp error and point tracking
+    result = run("tokenflow-edit", *args, "editor=kv_injection", cwd=tmp_path, cache=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (job,) = (tmp_path / "outputs" / "edit").glob("*/*")
+    record = json.loads((job / "metrics.json").read_text())
+    assert record["status"] == "ok" and "transformer evaluations" in result.stdout
+    assert {"warp_error@opencv-farneback", "track_epe@opencv-lk"} <= set(record["metrics"])
+    assert record["metrics"]["unet_evaluations"] == 3 * 4 * 3  # source, uncond, cond x 4 frames x 3 steps
