@@ -1,4 +1,4 @@
-"""Image-UNet evaluations per editor and propagator, measured, beside the official code's.
+"""Image-UNet (or, with ``--backbone sd35``, SD 3.5 transformer) evaluations per editor and propagator, measured.
 
 Each editor x propagator edits the same clip on the tiny model (the counts depend only on the schedule,
 not on widths or weights) at two step counts; the counts are checked to be exactly linear in the steps
@@ -6,6 +6,7 @@ and extrapolated to 50 steps and the 16-frame clip the official figures are for.
 are counted apart (a ControlNet costs about half a UNet). Prints a Markdown table.
 
     python experiments/count_unet_evaluations.py --n-frames 16
+    python experiments/count_unet_evaluations.py --n-frames 16 --backbone sd35   # sdedit, kv_injection on SD 3.5
 """
 from __future__ import annotations
 
@@ -19,9 +20,8 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
     steps the editor runs on a 50-step grid) of one edit."""
     from tokenflow import (DDIMInverter, FlowPropagator, NoPropagation, RandomKeyframes, TokenFlowPipeline,
                            TokenFlowPropagator, invert_video)
-    from tokenflow.models.ddim import ddim_timesteps
-    from tokenflow.editors import (ControlNetEditor, InstructPix2PixEditor, PnPEditor, PromptToPromptEditor,
-                                   SDEditEditor)
+    from tokenflow.editors import (ControlNetEditor, InstructPix2PixEditor, KVInjectionEditor, PnPEditor,
+                                   PromptToPromptEditor, SDEditEditor)
 
     editors = {
         "pnp": lambda: PnPEditor(),
@@ -29,11 +29,13 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
         "p2p": lambda: PromptToPromptEditor(),
         "controlnet": lambda: ControlNetEditor(controlnets={"canny": {"source": "tiny"}}),
         "ip2p": lambda: InstructPix2PixEditor(),
+        "kv_injection": lambda: KVInjectionEditor(),
     }
     propagators = {"tokenflow": TokenFlowPropagator, "flow": FlowPropagator, "none": NoPropagation}
     counter = {"unet": 0, "controlnet": 0}
-    hook = model.unet.register_forward_pre_hook(
-        lambda m, a, kw: counter.__setitem__("unet", counter["unet"] + a[0].shape[0]), with_kwargs=True)
+    hook = model.denoiser.register_forward_pre_hook(  # the UNet takes latents positionally, the transformer by name
+        lambda m, a, kw: counter.__setitem__("unet", counter["unet"] + (a[0] if a else kw["hidden_states"]).shape[0]),
+        with_kwargs=True)
     try:
         editor = editors[editor_name]()
         inverter = DDIMInverter(n_steps=n_steps, keep_steps=n_steps)
@@ -54,7 +56,7 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
             editor.prepare = prepare
         result = pipe.edit(inversion, prompt=prompt, inversion_prompt="a wolf", progress=False, video=video)
         assert result.unet_evaluations == counter["unet"] - inverted
-        at_50 = len(editor.timesteps(ddim_timesteps(model.scheduler, 50)))  # SDEdit runs the last strength x 50
+        at_50 = len(editor.timesteps(pipe.sampler.grid(50).timesteps))  # SDEdit runs the last strength x 50
         return inverted, counter["unet"] - inverted, counter["controlnet"], len(result.timesteps), at_50
     finally:
         hook.remove()
@@ -65,6 +67,8 @@ def main() -> None:
     parser.add_argument("--n-frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, nargs=2, default=(2, 4), help="two step counts to measure at")
+    parser.add_argument("--backbone", choices=("sd", "sd35"), default="sd",
+                        help="sd: the tiny SD 2.1-base (every editor); sd35: the tiny SD 3.5 Medium (sdedit, kv_injection)")
     args = parser.parse_args()
 
     import torch
@@ -77,13 +81,15 @@ def main() -> None:
     frames = np.repeat(rng.integers(0, 255, (1, args.size, args.size, 3), dtype=np.uint8), args.n_frames, 0)
     frames = np.stack([np.roll(f, 2 * i, axis=1) for i, f in enumerate(frames)])  # a translating clip
     video = Video(frames=frames, fps=10.0)
-    model = load_model("tiny", device="cpu", dtype="float32")
-    ip2p = load_tiny_ip2p(device="cpu", dtype="float32")
+    sd35 = args.backbone == "sd35"
+    model = load_model("tiny", device="cpu", dtype="float32", tiny_variant="sd35-medium" if sd35 else "sd21-base",
+                       max_sequence_length=32 if sd35 else None)  # T5 tokens do not change the counts
+    ip2p = None if sd35 else load_tiny_ip2p(device="cpu", dtype="float32")
     n, target = args.n_frames, 50
     print(f"| editor | propagator | inversion / frame / step | edit / frame / editing step | ControlNet / frame / "
           f"editing step | editing steps of {target} | total at {target} steps, {n} frames |")
     print("|---|---|---|---|---|---|---|")
-    for editor in ("pnp", "sdedit", "p2p", "controlnet", "ip2p"):
+    for editor in ("sdedit", "kv_injection") if sd35 else ("pnp", "sdedit", "p2p", "controlnet", "ip2p"):
         for propagator in ("tokenflow", "flow", "none"):
             m = ip2p if editor == "ip2p" else model
             runs = [count(m, editor, propagator, video, s) for s in args.steps]

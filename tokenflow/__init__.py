@@ -15,15 +15,17 @@ from tokenflow.core.propagation import (NoPropagation, PropagationInputs, Propag
                                         TokenFlowPropagator)
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
-from tokenflow.models import (DiffusionModel, InversionResult, NullTextEmbeddings, TextEmbedding, UNetLayout,
-                              from_pipeline, load_model)
+from tokenflow.models import (Backbone, DiffusionModel, InversionResult, MMDiTLayout, NullTextEmbeddings, SD3Model,
+                              TextEmbedding, UNetLayout, from_pipeline, load_model)
+from tokenflow.samplers import DDIMSampler, FlowMatchEulerSampler, Grid, NoiseLevel, Sampler, sampler_for
 from tokenflow.models.trajectory import FileTrajectory, TensorTrajectory, Trajectory
 from tokenflow.storage.cache import InversionCache
 from tokenflow.storage.video import FrameWriter, Video, VideoWriter, read_video, write_frames, write_video
 
 __version__ = "0.1.0"
 __all__ = [
-    "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
+    "Backbone", "DDIMSampler", "FlowMatchEulerSampler", "Grid", "MMDiTLayout", "NoiseLevel", "SD3Model", "Sampler",
+    "sampler_for", "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
     "FileTrajectory", "FixedKeyframes", "FlowPropagator", "FrameWriter", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
     "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
     "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Ranks", "Step", "TextEmbedding", "TokenFlowError",

@@ -1,8 +1,10 @@
-"""Models: loading Stable-Diffusion-family checkpoints, the tiny offline builds, UNet hook sites, DDIM arithmetic."""
+"""Models (backbones): the SD UNet family and the MMDiT (SD 3) family, loading, tiny offline builds, hook sites."""
 from tokenflow.models.backbone import DiffusionModel, TextEmbedding
-from tokenflow.models.layout import UNetLayout
+from tokenflow.models.interface import Backbone
+from tokenflow.models.layout import MMDiTLayout, UNetLayout
+from tokenflow.models.mmdit import SD3Model
 from tokenflow.models.loading import as_model, from_pipeline, load_model, resolve_device, resolve_dtype
 from tokenflow.models.trajectory import InversionResult, NullTextEmbeddings
 
-__all__ = ["DiffusionModel", "InversionResult", "NullTextEmbeddings", "TextEmbedding", "UNetLayout", "as_model",
+__all__ = ["Backbone", "DiffusionModel", "MMDiTLayout", "SD3Model", "InversionResult", "NullTextEmbeddings", "TextEmbedding", "UNetLayout", "as_model",
            "from_pipeline", "load_model", "resolve_device", "resolve_dtype"]
