@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from tokenflow.errors import ConfigError
-from tokenflow.models.tiny_mmdit import (TinyMMDiTSpec, _calibrate_latents, build_tiny_mmdit_pipeline, smooth_images,
-                                         tiny_mmdit_folder)
+from tokenflow.models.tiny import smooth_images
+from tokenflow.models.tiny_mmdit import TinyMMDiTSpec, _calibrate_latents, build_tiny_mmdit_pipeline, tiny_mmdit_folder
 from tokenflow.models.variants_mmdit import (BYT5_VOCAB_SIZE, TINY_T5_LAYERS, MMDIT_CHECKPOINTS, SD3_MEDIUM, SD35_MEDIUM,
                                              mmdit_checkpoint, tiny_mmdit)
 

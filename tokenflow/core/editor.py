@@ -117,7 +117,6 @@ class EditInputs:
     timesteps: list[int]       # the full sampling grid, noisiest first
     frames: Any = None         # (N, H, W, 3) uint8 input frames when the caller has them (e.g. ControlNet conditions)
     sampler: Any = None        # the run's tokenflow.samplers.Sampler (levels, forward process); None: the model's
-    levels: Any = None         # the grid as a tokenflow.samplers.Grid (noise levels of ``timesteps``)
 
     def __post_init__(self) -> None:
         if self.sampler is None and getattr(self.model, "scheduler", None) is not None:

@@ -290,12 +290,12 @@ class TokenFlowPipeline:
         grid = levels.timesteps
         inputs = EditInputs(self.model, inversion, prompt, negative_prompt,
                             inversion.prompt if inversion_prompt is None else inversion_prompt, grid,
-                            None if video is None else video.frames, sampler=self.sampler, levels=levels)
+                            None if video is None else video.frames, sampler=self.sampler)
         check_pairing(self.editor, self.model, self.sampler)
         self.editor.check(self.model)
         self.editor.prepare(inputs)
         timesteps = self.editor.timesteps(grid)
-        path = levels[len(levels) - len(timesteps):] if timesteps else levels[len(levels):]
+        path = levels[len(levels) - len(timesteps):]
         if path.timesteps != list(timesteps):  # not a tail of the grid: a custom editor's own timesteps
             path = self.sampler.path(list(timesteps))
         missing = [t for t in timesteps if not inversion.has(t)]

@@ -197,20 +197,31 @@ def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
     The same bytes on every machine: the forward runs on one thread (a sum's order, hence its last bits,
     follows the thread count) and s is rounded to 4 significant digits (kernels of other CPUs differ by ~1e-7).
     """
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1
-    images = torch.nn.functional.interpolate(coarse, size=(128, 128), mode="bicubic", align_corners=False).clamp(-1, 1)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        std = vae.encode(images).latent_dist.mean.double().std().item()
-    finally:
-        torch.set_num_threads(threads)
-    s = float(f"{1.0 / (std * float(vae.config.scaling_factor)):.4g}")
+    s = latent_rescale(vae, seed)
     c = int(vae.config.latent_channels)
     vae.quant_conv.weight[:c].mul_(s)
     vae.quant_conv.bias[:c].mul_(s)
     vae.post_quant_conv.weight.div_(s)
+
+
+def smooth_images(seed: int, n: int = 4, size: int = 128) -> torch.Tensor:
+    """``n`` smooth random RGB images in [-1, 1]: bicubic upsampling of 8 x 8 uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+@torch.no_grad()
+def latent_rescale(vae: torch.nn.Module, seed: int) -> float:
+    """s such that s x std(posterior mean) x ``scaling_factor`` = 1 on :func:`smooth_images` (a shift moves the mean
+    only). One thread (a sum's order follows the thread count) and 4 significant digits: the same on every machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        std = vae.encode(smooth_images(seed)).latent_dist.mean.double().std().item()
+    finally:
+        torch.set_num_threads(threads)
+    return float(f"{1.0 / (std * float(vae.config.scaling_factor)):.4g}")
 
 
 def build_once(target: Path, marker: str, build: Callable[[Path], None], prefix: str = ".tiny-") -> Path:

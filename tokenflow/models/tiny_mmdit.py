@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from tokenflow.errors import ConfigError
-from tokenflow.models.tiny import _numbered, _save_scheduler, _save_tokenizer, build_once, damped, save_components, seeded
+from tokenflow.models.tiny import (_numbered, _save_scheduler, _save_tokenizer, build_once, damped, latent_rescale,
+                                   save_components, seeded)
 from tokenflow.models.variants_mmdit import TEXT_ENCODER_CLASSES, TransformerCheckpoint, mmdit_checkpoint, tiny_mmdit
 
 TINY_MMDIT_FORMAT_VERSION = 2  # 2: the T5 encoder is 2 layers deep
@@ -106,13 +107,6 @@ def _model_index(ckpt: TransformerCheckpoint) -> dict:
     return dict(sorted(index.items(), key=lambda kv: (not kv[0].startswith("_"), kv[0])))
 
 
-def smooth_images(seed: int, n: int = 4, size: int = 128) -> torch.Tensor:
-    """``n`` smooth random RGB images in [-1, 1]: bicubic upsampling of 8 x 8 uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
-    return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
-
-
 @torch.no_grad()
 def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
     """Rescale the encoder's mean so ``(mean - shift_factor) * scaling_factor`` of smooth images has unit variance.
@@ -123,14 +117,7 @@ def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
     :func:`tokenflow.models.tiny._calibrate_latents`, the forward runs on one thread and s is rounded to 4
     significant digits, so every machine writes the same bytes.
     """
-    images = smooth_images(seed)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        std = vae.encode(images).latent_dist.mean.double().std().item()
-    finally:
-        torch.set_num_threads(threads)
-    s = float(f"{1.0 / (std * float(vae.config.scaling_factor)):.4g}")
+    s = latent_rescale(vae, seed)
     c = int(vae.config.latent_channels)
     vae.encoder.conv_out.weight[:c].mul_(s)
     vae.encoder.conv_out.bias[:c].mul_(s)
