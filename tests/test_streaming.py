@@ -157,12 +157,16 @@ KILLED_VIDEO = textwrap.dedent("""
 @pytest.mark.parametrize("script", [KILLED_ENTRY, KILLED_VIDEO], ids=["cache-entry", "video-and-frames"])
 def test_killed_writer_publishes_nothing(script, tmp_path):
     """SIGKILL mid-write: nothing under a final name; what is left is a temporary that remove_stale deletes."""
+    import psutil
+
     from tokenflow.storage.atomic import remove_stale
 
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"
+    helpers = psutil.Process(proc.pid).children(recursive=True)  # the encoder: it outlives a killed parent
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    psutil.wait_procs(helpers, timeout=30)  # an orphaned ffmpeg may still create its temporary file meanwhile
     left = list(tmp_path.iterdir())
     assert left and all(p.name.startswith(".") and ".tmp-" in p.name for p in left)
     assert InversionCache(tmp_path).load("k" * 32) is None
