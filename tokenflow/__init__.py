@@ -15,7 +15,7 @@ from tokenflow.core.propagation import (NoPropagation, PropagationInputs, Propag
                                         TokenFlowPropagator)
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
-from tokenflow.models import (Backbone, DiffusionModel, InversionResult, MMDiTLayout, NullTextEmbeddings, SD3Model,
+from tokenflow.models import (Backbone, DiffusionModel, FluxModel, InversionResult, MMDiTLayout, NullTextEmbeddings, SD3Model,
                               TextEmbedding, UNetLayout, from_pipeline, load_model)
 from tokenflow.samplers import DDIMSampler, FlowMatchEulerSampler, Grid, NoiseLevel, Sampler, sampler_for
 from tokenflow.models.trajectory import FileTrajectory, TensorTrajectory, Trajectory
@@ -24,7 +24,7 @@ from tokenflow.storage.video import FrameWriter, Video, VideoWriter, read_video,
 
 __version__ = "0.1.0"
 __all__ = [
-    "Backbone", "DDIMSampler", "FlowMatchEulerSampler", "Grid", "MMDiTLayout", "NoiseLevel", "SD3Model", "Sampler",
+    "Backbone", "DDIMSampler", "FluxModel", "FlowMatchEulerSampler", "Grid", "MMDiTLayout", "NoiseLevel", "SD3Model", "Sampler",
     "sampler_for", "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
     "FileTrajectory", "FixedKeyframes", "FlowPropagator", "FrameWriter", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
     "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",

@@ -101,7 +101,12 @@ def plan_size(cfg: DictConfig, path: str) -> SizePlan:
 def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, inverter: Any, editor: Any = None,
               propagator: Any = None, keyframes: Any = None, attention: Any = None) -> RunShape:
     """The :class:`RunShape` of this run (edit parts None for ``tokenflow-invert``)."""
-    kept = len(inverter.kept_timesteps(model.scheduler))
+    from tokenflow.core.inversion import kept_timesteps
+
+    factor = model.vae_scale_factor
+    kept = len(set(kept_timesteps(inverter, model, (plan.height // factor, plan.width // factor))))
+    if editor is not None and not getattr(editor, "needs_inversion", True):
+        kept = 0  # inversion-free: no trajectory
     config = getattr(inverter, "config", None)
     batch = int(getattr(config, "batch_size", cfg.chunk_size))
     if editor is None:  # invert + reconstruct: one branch, no keyframes

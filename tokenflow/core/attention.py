@@ -171,6 +171,15 @@ def _heads(x: Tensor, heads: int) -> Tensor:
     return rearrange(x, "n s (h d) -> n h s d", h=heads)
 
 
+def propagated_branches(step: Step, propagator: Propagator) -> list[int]:
+    """Positions of the branches whose attention outputs propagation carries: every joint branch, and the source
+    branch unless the propagator reads it ``clean`` (it then attends per frame). Any other non-joint branch (e.g.
+    FlowEdit's source-prompt branches) attends per frame in every phase and is never propagated."""
+    src = step.index_of(SOURCE)
+    clean = propagator.source_features == "clean"
+    return [i for i, b in enumerate(step.branches) if (i == src and not clean) or (i != src and b.joint)]
+
+
 class TokenFlowSelfAttention:
     """Attention processor for one self-attention layer; see the module docstring."""
 
@@ -208,7 +217,7 @@ class TokenFlowSelfAttention:
     def _keep(self, x: Tensor, out: Tensor, step: Step, src: int | None) -> None:
         """Store what propagation will read for this call's keyframes (and nothing else)."""
         propagator = self.runtime.propagator
-        keep = [i for i in range(out.shape[0]) if not (i == src and propagator.source_features == "clean")]
+        keep = propagated_branches(step, propagator)
         source = x[src] if src is not None and propagator.needs_source else None
         tokens = KeyframeTokens([int(f) for f in step.frames.tolist()], source, out[keep])
         previous = self.runtime.keyframe_tokens.get(self.name)
@@ -268,18 +277,19 @@ class TokenFlowSelfAttention:
             raise RuntimeError(f"{self.name}: propagation needs the keyframe pass first")
         if propagator.needs_source and (src is None or stored.source is None):
             raise RuntimeError(f"{self.name}: {type(propagator).__name__} needs the source branch in the UNet batch")
-        # the source branch's own attention is computed per frame in `clean` mode, else propagated too
-        compute_source = src is not None and propagator.source_features == "clean"
-        moved = [i for i in range(x.shape[0]) if not (compute_source and i == src)]
+        # the source branch's own attention is computed per frame in `clean` mode (else propagated too), as is that
+        # of any other non-joint branch
+        moved = propagated_branches(step, propagator)
         query = PropagationQuery(
             layer=self.name, grid=token_grid(self.runtime.latent_hw, x.shape[2]), timestep=step.timestep,
             frames=step.frames, keyframes=torch.tensor(stored.ids, dtype=torch.long), keyframe_outputs=stored.outputs,
             source=x[src] if propagator.needs_source else None,
             keyframe_source=stored.source if propagator.needs_source else None, on_match=self.runtime.on_match)
         propagated = propagator.propagate(query)
-        if not compute_source:
+        if len(moved) == x.shape[0]:
             return propagated
         out = propagated.new_empty(x.shape[0], *propagated.shape[1:])
         out[moved] = propagated
-        out[src] = self._attend(attn, *self._qkv(attn, x[src : src + 1]), joint=False)[0]  # the unmodified source
+        for i in sorted(set(range(x.shape[0])) - set(moved)):  # e.g. the unmodified source
+            out[i] = self._attend(attn, *self._qkv(attn, x[i : i + 1]), joint=False)[0]
         return out

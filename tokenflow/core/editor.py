@@ -52,6 +52,15 @@ class Branch:
     unet_inputs: called per UNet call with a :class:`BranchCall`; returns extra UNet keyword inputs for
     this branch's rows (e.g. ``down_block_additional_residuals``/``mid_block_additional_residual`` of a
     ControlNet). Branches without them get zeros of the same shape.
+    make_latents: called per model call with the edited latents of the call's frames (F, C, h, w) and the
+    :class:`Step`; returns the latents this branch feeds the model instead (FlowEdit's Z_src and Z_tar). The
+    branch's ``latents`` still says what it is: ``"edit"`` branches are the edited ones (editors' hooks inject
+    into them), a ``"source"`` branch reads the source video.
+    guidance: the guidance *input* of a guidance-distilled model (FLUX.1-dev) for this branch's rows; None:
+    the model's default (``model.guidance``). Refused on a model without one.
+
+    A joint branch's keyframes attend to each other and its attention outputs are propagated; a non-joint
+    branch attends per frame in every phase (the source branch: as its propagator's ``source_features`` say).
     """
 
     name: str
@@ -60,6 +69,8 @@ class Branch:
     joint: bool = True
     image_latents: Tensor | None = None
     unet_inputs: Callable[[BranchCall], dict[str, Any]] | None = None
+    make_latents: Callable[[Tensor, "Step"], Tensor] | None = None
+    guidance: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "embedding", as_text_embedding(self.embedding))
@@ -120,9 +131,9 @@ class EditInputs:
 
     def __post_init__(self) -> None:
         if self.sampler is None and getattr(self.model, "scheduler", None) is not None:
-            from tokenflow.samplers import sampler_for
+            from tokenflow.samplers import model_sampler
 
-            self.sampler = sampler_for(self.model.scheduler)
+            self.sampler = model_sampler(self.model)
 
 
 class KeyframeEditor(ABC):
@@ -130,6 +141,9 @@ class KeyframeEditor(ABC):
 
     #: the editor reads the source branch (feature injection); the pipeline then always runs it
     needs_source: bool = False
+    #: the editor starts from and reads an inversion trajectory; False (inversion-free editors such as FlowEdit):
+    #: the pipeline only encodes the frames, writes no trajectory, and the editor's branches make their own latents
+    needs_inversion: bool = True
     #: backbone families it drives (``model.family``: "unet", "mmdit"); None: any (it only guides and steps)
     families: tuple[str, ...] | None = None
     #: samplers whose guidance form it works in (``sampler.name``: "ddim", "flow_match_euler"); None: any
@@ -149,6 +163,11 @@ class KeyframeEditor(ABC):
 
     def check(self, model) -> None:
         """Refuse, before any inversion is computed, a model this editor cannot drive (one clear line)."""
+
+    def source_settings(self) -> dict[str, Any] | None:
+        """The editor's settings the source branch's tokens depend on, beyond the inversion (FlowEdit: its noise
+        draws); they key reusable correspondence records. Default: none."""
+        return None
 
     def source_branch(self, branch: Branch) -> Branch:
         """The source branch the pipeline adds, adapted to this editor (e.g. image latents); default as is."""
@@ -180,7 +199,7 @@ class KeyframeEditor(ABC):
         return None
 
 
-FAMILY_NAMES = {"unet": "an SD UNet (1.x/2.x/XL)", "mmdit": "an MMDiT transformer (SD 3/3.5)"}
+FAMILY_NAMES = {"unet": "an SD UNet (1.x/2.x/XL)", "mmdit": "an MMDiT transformer (SD 3/3.5, FLUX.1)"}
 
 
 def check_pairing(editor: KeyframeEditor, model: Any, sampler: Any) -> None:

@@ -70,7 +70,14 @@ class GuidedEditor(KeyframeEditor):
     ``uncond`` is the negative prompt, or the inversion's null-text embeddings (see
     :class:`UnconditionalEmbedding`); at guidance 1 it is not run at all. Subclasses with a ``config``
     dataclass that has ``guidance_scale`` need nothing else; others override :attr:`guidance_scale`.
+
+    On a model that is not guided classifier-free (``model.classifier_free`` False: FLUX.1) there is one
+    branch, ``cond``, and the weight is the model's guidance *input* where it has one (FLUX.1-dev: the
+    branch's ``guidance``; FLUX.1-schnell reads none, and the weight is then unused).
     """
+
+    _classifier_free: bool = True
+    _guidance_input: bool = False
 
     @property
     def guidance_scale(self) -> float:
@@ -82,15 +89,17 @@ class GuidedEditor(KeyframeEditor):
 
     @property
     def guided(self) -> bool:
-        """Whether the unconditional branch is needed (guidance weight other than 1)."""
-        return self.guidance_scale != 1.0
+        """Whether the unconditional branch is needed (classifier-free guidance with a weight other than 1)."""
+        return self._classifier_free and self.guidance_scale != 1.0
 
     def prepare(self, inputs: EditInputs) -> None:
+        self._classifier_free = bool(getattr(inputs.model, "classifier_free", True))
+        self._guidance_input = bool(getattr(inputs.model, "guidance_embedded", False))
         self._uncond = UnconditionalEmbedding(inputs, self.guidance_scale) if self.guided else None
         self._cond = inputs.model.encode_text(inputs.prompt)
 
     def branches(self, step: Step) -> list[Branch]:
-        cond = Branch("cond", self._cond)
+        cond = Branch("cond", self._cond, guidance=self.guidance_scale if self._guidance_input else None)
         return [Branch("uncond", self._uncond.at(step.timestep)), cond] if self._uncond is not None else [cond]
 
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:

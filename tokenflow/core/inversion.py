@@ -22,7 +22,7 @@ from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.trajectory import InversionResult, TensorTrajectory, Trajectory
-from tokenflow.samplers import Grid, Sampler, sampler_for
+from tokenflow.samplers import Grid, Sampler, model_sampler, sampler_for
 
 
 def image_conditioning(model, clean: Tensor) -> Tensor | None:
@@ -32,6 +32,8 @@ def image_conditioning(model, clean: Tensor) -> Tensor | None:
     scaling factor; ``clean`` is the posterior mean (= mode) times that factor, so this is clean / factor,
     float32 (N, C, h, w). None for a text-to-image UNet (in_channels = C).
     """
+    if getattr(model, "family", "unet") != "unet":  # MMDiTs read no image channels (FLUX's in_channels are packed)
+        return None
     in_channels, c = int(model.denoiser.config.in_channels), model.latent_channels
     if in_channels == c:
         return None
@@ -51,9 +53,13 @@ def kept_timesteps(inverter: "Inverter", model, latent_hw: tuple[int, int]) -> l
     """``inverter.kept_timesteps`` for a model and latent size; the image's token count is passed only where the
     schedule depends on it (so inverters written for ``kept_timesteps(scheduler)`` keep working)."""
     seq_len = image_seq_len(model, latent_hw)
-    if seq_len is None or not sampler_for(model.scheduler).config_depends_on_size:
-        return inverter.kept_timesteps(model.scheduler)
-    return inverter.kept_timesteps(model.scheduler, seq_len)
+    sampler = model_sampler(model)
+    # the scheduler where it decides the sampler alone (inverters written for kept_timesteps(scheduler)), else the
+    # backbone's sampler (its pipeline's σ spacing)
+    schedule = model.scheduler if getattr(sampler, "spacing", "scheduler") == "scheduler" else sampler
+    if seq_len is None or not sampler.config_depends_on_size:
+        return inverter.kept_timesteps(schedule)
+    return inverter.kept_timesteps(schedule, seq_len)
 
 
 class Inverter(ABC):
@@ -130,7 +136,8 @@ class DDIMInverter(Inverter):
         return {"inverter": "ddim", **asdict(self.config)}
 
     def kept_timesteps(self, scheduler, image_seq_len: int | None = None) -> list:
-        sampler = sampler_for(scheduler)
+        """The timesteps whose latents the inversion keeps (``scheduler``: a scheduler, or a :class:`Sampler`)."""
+        sampler = scheduler if isinstance(scheduler, Sampler) else sampler_for(scheduler)
         grid = sampler.grid(self.config.n_steps, image_seq_len).timesteps
         keep = sampler.grid(self.config.keep_steps, image_seq_len).timesteps
         missing = sorted(set(keep) - set(grid), reverse=True)
@@ -143,7 +150,7 @@ class DDIMInverter(Inverter):
         return keep
 
     def invert(self, model, clean: Tensor, prompt: str, progress: bool = True) -> InversionResult:
-        shape = (len(set(self.kept_timesteps(model.scheduler))), *clean.shape)
+        shape = (len(set(kept_timesteps(self, model, tuple(clean.shape[-2:])))), *clean.shape)
         return self.invert_into(model, clean, prompt, TensorTrajectory.empty(shape), progress)
 
     @torch.no_grad()
@@ -151,7 +158,7 @@ class DDIMInverter(Inverter):
                     progress: bool = True) -> InversionResult:
         """Invert ``clean`` (N, C, h, w) in chunks of ``batch_size`` frames, writing each chunk's latents into
         ``trajectory`` (T, N, C, h, w) as soon as they are computed (one timestep's rows at a time)."""
-        sampler = sampler_for(model.scheduler)
+        sampler = model_sampler(model)
         seq_len = image_seq_len(model, tuple(clean.shape[-2:]))
         grid = sampler.grid(self.config.n_steps, seq_len)
         order = sorted(set(kept_timesteps(self, model, tuple(clean.shape[-2:]))), reverse=True)  # slab i: order[i]
@@ -204,7 +211,7 @@ def sample(model, x: Tensor, timesteps: "list[int] | Grid", cond: TextEmbedding 
     """
     from tokenflow.models.backbone import as_text_embedding
 
-    sampler = sampler or sampler_for(model.scheduler)
+    sampler = sampler or model_sampler(model)
     grid = timesteps if isinstance(timesteps, Grid) else sampler.path(list(timesteps))
     cond = as_text_embedding(cond)
     guided = guidance_scale != 1.0 and uncond is not None
@@ -239,7 +246,7 @@ def reconstruct(model, inversion: InversionResult, steps: "list[int] | Grid | No
     inversion's kept grid."""
     if steps is None:
         n = int(inversion.settings.get("keep_steps", len(inversion.timesteps)))
-        steps = sampler_for(model.scheduler).grid(n, image_seq_len(model, tuple(inversion.clean.shape[-2:])))
+        steps = model_sampler(model).grid(n, image_seq_len(model, tuple(inversion.clean.shape[-2:])))
     first = steps.levels[0].timestep if isinstance(steps, Grid) else steps[0]
     cond = model.encode_text(inversion.prompt)
     return sample(model, inversion.at(first), steps, cond, progress=progress, desc="reconstruction",

@@ -1,4 +1,5 @@
-"""TokenFlow inside an unmodified Stable Diffusion 3 / 3.5 transformer (``SD3Transformer2DModel``).
+"""TokenFlow inside an unmodified MMDiT: Stable Diffusion 3 / 3.5 (``SD3Transformer2DModel``) and FLUX.1
+(``FluxTransformer2DModel``).
 
 SD3's blocks (``JointTransformerBlock``) run one *joint* attention (``block.attn``) over the image
 tokens ``hidden_states`` (B, S, C) and the text tokens ``encoder_hidden_states`` (B, L, C): each is
@@ -8,6 +9,17 @@ part and ``to_add_out`` the text part (except in the last block, ``context_pre_o
 output is dropped). SD 3.5's dual-attention blocks add ``block.attn2``: image-only self-attention.
 Positions are absolute 2-D embeddings added before the blocks, so tokens of different frames can be
 attended together as they are.
+
+FLUX.1's double-stream blocks (``transformer_blocks.i.attn``, ``FluxAttention`` with ``FluxAttnProcessor``)
+are the same joint attention with the text tokens first and rotary position embeddings (RoPE, from the
+text ids — zeros — and each token's (row, column) id) applied to queries and keys after the qk-norm. Its
+single-stream blocks (``single_transformer_blocks.j.attn``) receive text and image tokens concatenated
+(text first) through one set of projections and return the attention output unprojected (``pre_only``);
+the processor is not told where the text ends, so it is given the image token count explicitly (from the
+run's latent size and the 2x2 packing) and splits there. Every frame's image tokens carry their own
+positions — the frames share one grid, so positions repeat across frames in extended attention — and RoPE
+is applied per frame before keys of several frames are concatenated. Everything below applies to both
+families; order within the key sequence does not change a softmax.
 
 :class:`TokenFlowJointAttention` (one per such layer, sharing a :class:`TokenFlowRuntime` with the
 pipeline) does what :class:`~tokenflow.core.attention.TokenFlowSelfAttention` does on the UNet, by
@@ -58,7 +70,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from tokenflow.core.attention import KeyframeTokens, TokenFlowRuntime
+from tokenflow.core.attention import KeyframeTokens, TokenFlowRuntime, propagated_branches
 from tokenflow.core.editor import SOURCE, Step
 from tokenflow.core.propagation import PropagationQuery
 from tokenflow.errors import ConfigError
@@ -69,6 +81,9 @@ __all__ = ["JointQKV", "joint_qkv", "extended_joint_attention", "image_attention
 
 
 # ---- the computation, in pieces --------------------------------------------------------------------------
+
+Rotary = tuple[Tensor, Tensor]  # (cos, sin), each (L + S, head_dim), over the [text, image] token order
+
 
 @dataclass
 class JointQKV:
@@ -88,11 +103,15 @@ class JointQKV:
         return JointQKV(pick(self.q), pick(self.k), pick(self.v), pick(self.tq), pick(self.tk), pick(self.tv))
 
 
-def joint_qkv(attn, img: Tensor, txt: Tensor | None) -> JointQKV:
-    """Project as ``JointAttnProcessor2_0``: img (N, S, C), txt (N, L, C') or None → :class:`JointQKV`.
+def joint_qkv(attn, img: Tensor, txt: Tensor | None, rotary: Rotary | None = None, single: bool = False) -> JointQKV:
+    """Project as ``JointAttnProcessor2_0`` / ``FluxAttnProcessor``: img (N, S, C), txt (N, L, C') or None →
+    :class:`JointQKV`.
 
     The per-head RMS norms (``norm_q``, ``norm_k``, ``norm_added_q``, ``norm_added_k``) act on the last
-    (head_dim) axis, so applying them in (N, S, H, D) layout is the stock computation.
+    (head_dim) axis, so applying them in (N, S, H, D) layout is the stock computation. ``single``: a FLUX
+    single-stream layer, whose text tokens go through the same projections and norms as its image tokens.
+    ``rotary``: FLUX's (cos, sin) over [text, image], applied after the norms to the text part (its first L
+    rows) and the image part (the rest) of queries and keys.
     """
     q, k, v = attn.to_q(img), attn.to_k(img), attn.to_v(img)
     head_dim = k.shape[-1] // attn.heads
@@ -102,20 +121,46 @@ def joint_qkv(attn, img: Tensor, txt: Tensor | None) -> JointQKV:
     if attn.norm_k is not None:
         k = attn.norm_k(k)
     if txt is None:
-        return JointQKV(q, k, v)
-    tq, tk, tv = (p(txt).unflatten(-1, (attn.heads, head_dim)) for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
-    if attn.norm_added_q is not None:
-        tq = attn.norm_added_q(tq)
-    if attn.norm_added_k is not None:
-        tk = attn.norm_added_k(tk)
+        return JointQKV(*_rope((q, k), rotary, 0), v)
+    if single:
+        tq, tk, tv = (t.unflatten(-1, (attn.heads, head_dim)) for t in (attn.to_q(txt), attn.to_k(txt), attn.to_v(txt)))
+        tq, tk = attn.norm_q(tq), attn.norm_k(tk)
+    else:
+        tq, tk, tv = (p(txt).unflatten(-1, (attn.heads, head_dim))
+                      for p in (attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        if attn.norm_added_q is not None:
+            tq = attn.norm_added_q(tq)
+        if attn.norm_added_k is not None:
+            tk = attn.norm_added_k(tk)
+    n_text = txt.shape[1]
+    q, k = _rope((q, k), rotary, n_text)
+    tq, tk = _rope((tq, tk), None if rotary is None else (rotary[0][:n_text], rotary[1][:n_text]), 0)
     return JointQKV(q, k, v, tq, tk, tv)
 
 
+def _rope(pair: tuple[Tensor, Tensor], rotary: Rotary | None, start: int) -> tuple[Tensor, Tensor]:
+    """Queries and keys (N, S, H, D) rotated by rows ``start:start + S`` of ``rotary`` (diffusers'
+    ``apply_rotary_emb``, the computation ``FluxAttnProcessor`` does on the concatenated sequence)."""
+    if rotary is None:
+        return pair
+    from diffusers.models.embeddings import apply_rotary_emb
+
+    n = pair[0].shape[1]
+    part = (rotary[0][start : start + n], rotary[1][start : start + n])
+    if part[0].shape[0] != n:
+        raise ValueError(f"rotary embeddings for {rotary[0].shape[0]} tokens; the layer has {start + n}")
+    return tuple(apply_rotary_emb(t, part, sequence_dim=1) for t in pair)  # type: ignore[return-value]
+
+
 def _dispatch(q: Tensor, k: Tensor, v: Tensor, chunk: int, backend) -> Tensor:
-    """Attention of q (B, Sq, H, D) on k, v (B, Sk, H, D), ``chunk`` queries per call → (B, Sq, H, D)."""
+    """Attention of q (B, Sq, H, D) on k, v (B, Sk, H, D), ``chunk`` queries per call → (B, Sq, H, D).
+
+    ``backend``: the processor's ``_attention_backend``, or a (backend, parallel_config) pair as the processor
+    holds them; both go to ``dispatch_attention_fn``."""
     from diffusers.models.attention_dispatch import dispatch_attention_fn
 
-    parts = [dispatch_attention_fn(qc, k, v, dropout_p=0.0, is_causal=False, backend=backend)
+    backend, parallel = backend if isinstance(backend, tuple) else (backend, None)
+    parts = [dispatch_attention_fn(qc, k, v, dropout_p=0.0, is_causal=False, backend=backend, parallel_config=parallel)
              for qc in q.split(max(1, int(chunk)), dim=1)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
@@ -162,28 +207,33 @@ def text_attention(qkv: JointQKV, chunk: int, backend=None) -> Tensor | None:
 
 
 def _image_out(attn, x: Tensor) -> Tensor:
+    """``to_out``, or — in a FLUX single-stream (``pre_only``) layer — the un-projected output, as the stock processor."""
+    if getattr(attn, "pre_only", False):
+        return x
     return attn.to_out[1](attn.to_out[0](x))
 
 
 def _text_out(attn, x: Tensor | None) -> Tensor | None:
-    """``to_add_out``, or — in a ``context_pre_only`` layer — the un-projected text output, as the stock processor
-    returns it (the block drops it)."""
-    if x is None or attn.context_pre_only:
+    """``to_add_out``, or — in a ``context_pre_only`` / single-stream layer — the un-projected text output, as the
+    stock processor returns it (SD 3's last block drops it)."""
+    if x is None or attn.context_pre_only or getattr(attn, "pre_only", False):
         return x
     return attn.to_add_out(x)
 
 
 def extended_joint_attention(attn, img: Tensor, txt: Tensor | None, joint: bool, chunk: int, backend=None,
-                             qkv_hook: Callable[[JointQKV], JointQKV] | None = None) -> tuple[Tensor, Tensor | None]:
+                             qkv_hook: Callable[[JointQKV], JointQKV] | None = None, rotary: Rotary | None = None,
+                             single: bool = False) -> tuple[Tensor, Tensor | None]:
     """Joint attention of the F frames of one branch: img (F, S, C), txt (F, L, C') or None (``attn2``).
 
     ``joint=True``: each frame's image queries attend to the image keys/values of all F frames plus its own
     text keys/values; each frame's text queries attend to its own image and text tokens. ``joint=False``: the
     stock ``JointAttnProcessor2_0``, frame by frame. ``qkv_hook`` may change the (normed) Q/K/V before the
     product. Returns (image output (F, S, C_out) after ``to_out``, text output after ``to_add_out`` — the raw
-    text output in a ``context_pre_only`` layer, as the stock processor — or None without text).
+    text output in a ``context_pre_only`` layer, as the stock processor — or None without text). ``rotary`` and
+    ``single``: FLUX's, see :func:`joint_qkv`.
     """
-    qkv = joint_qkv(attn, img, txt)
+    qkv = joint_qkv(attn, img, txt, rotary, single)
     if qkv_hook is not None:
         qkv = qkv_hook(qkv)
     return (_image_out(attn, image_attention(qkv, joint, chunk, backend)),
@@ -193,34 +243,37 @@ def extended_joint_attention(attn, img: Tensor, txt: Tensor | None, joint: bool,
 # ---- the processor ---------------------------------------------------------------------------------------
 
 class TokenFlowJointAttention:
-    """Attention processor for one SD3 joint-attention layer (``transformer_blocks.i.attn`` or ``.attn2``);
-    see the module docstring. Honours ``_attention_backend`` as set by ``transformer.set_attention_backend``."""
+    """Attention processor for one MMDiT image self-attention layer (SD 3's ``transformer_blocks.i.attn`` / ``.attn2``,
+    FLUX's double- and single-stream ``attn``); see the module docstring. Honours ``_attention_backend`` as set by
+    ``transformer.set_attention_backend``. ``single``: a FLUX single-stream layer; ``patch``: latent pixels per
+    token side (how many image tokens a frame has)."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, name: str, runtime: TokenFlowRuntime) -> None:
-        self.name, self.runtime = name, runtime
+    def __init__(self, name: str, runtime: TokenFlowRuntime, single: bool = False, patch: int = 2) -> None:
+        self.name, self.runtime, self.single, self.patch = name, runtime, single, patch
 
     def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, *args, **kwargs):
-        # attention_mask is ignored, as by JointAttnProcessor2_0
+                 attention_mask: Tensor | None = None, image_rotary_emb: Rotary | None = None, *args, **kwargs):
+        # attention_mask is ignored, as by JointAttnProcessor2_0 (FluxAttnProcessor's callers pass none)
         runtime, step = self.runtime, self.runtime.step
-        chunk, backend = runtime.attention_chunk, self._attention_backend
-        if step is None:  # outside a TokenFlow run: the stock processor
+        chunk, backend, rotary = runtime.attention_chunk, self._backend, image_rotary_emb
+        if step is None:  # outside a TokenFlow run: the stock processor (single-stream: one sequence)
             return self._result(*extended_joint_attention(attn, hidden_states, encoder_hidden_states, False, chunk,
-                                                          backend))
+                                                          backend, rotary=rotary))
         if step.phase not in ("keyframes", "anchors", "anchored", "propagate", "frames"):
             raise ConfigError(f"{self.name}: unknown phase {step.phase!r}")
+        img, txt = self._streams(hidden_states, encoder_hidden_states)
         n_branches = len(step.branches)
-        n_frames = hidden_states.shape[0] // n_branches
+        n_frames = img.shape[0] // n_branches
         src = step.index_of(SOURCE)
         propagator = runtime.propagator
-        qkv = self._hook(joint_qkv(attn, hidden_states, encoder_hidden_states), step, n_branches)
+        qkv = self._hook(joint_qkv(attn, img, txt, rotary, self.single), step, n_branches)
         rows = lambda i: slice(i * n_frames, (i + 1) * n_frames)  # noqa: E731  the rows of branch i
 
         if step.phase == "propagate" and propagator.propagates(self.name):
-            img_out = self._propagate(attn, hidden_states, qkv, step, src, n_branches)
+            img_out = self._propagate(attn, img, qkv, step, src, n_branches)
         elif step.phase in ("keyframes", "anchors", "anchored"):
             anchors = runtime.anchor_kv.get(self.name) if step.phase == "anchored" else None
             if step.phase == "anchored" and anchors is None:
@@ -242,17 +295,36 @@ class TokenFlowJointAttention:
                 v = rearrange(qkv.v, "(b f) s h d -> b f s (h d)", b=n_branches)
                 runtime.anchor_kv[self.name] = (k[shared], v[shared])
             if propagator.propagates(self.name):
-                self._keep(hidden_states, img_out, step, src, n_branches)
+                self._keep(img, img_out, step, src, n_branches)
         else:  # frames, or propagate in a layer left out of propagation (ablation): per frame
             img_out = _image_out(attn, image_attention(qkv, False, chunk, backend))
         return self._result(img_out, _text_out(attn, text_attention(qkv, chunk, backend)))
 
-    @staticmethod
-    def _result(img: Tensor, txt: Tensor | None):
-        return img if txt is None else (img, txt)
+    @property
+    def _backend(self):
+        """What ``dispatch_attention_fn`` is given: the backend and parallel config set on this processor."""
+        return (self._attention_backend, self._parallel_config)
+
+    def _streams(self, hidden_states: Tensor, encoder_hidden_states: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """(image tokens, text tokens) of the call: a single-stream layer's input split where the image tokens start
+        (the frame's token count, from the run's latent size), else the two inputs as they come."""
+        if not self.single:
+            return hidden_states, encoder_hidden_states
+        h, w = self.runtime.latent_hw
+        n_image = (h // self.patch) * (w // self.patch)
+        n_text = hidden_states.shape[1] - n_image
+        if n_text < 0:
+            raise RuntimeError(f"{self.name}: {hidden_states.shape[1]} tokens, fewer than the {n_image} image tokens of "
+                               f"a {h}x{w} latent — the runtime's latent size is not this call's")
+        return hidden_states[:, n_text:], hidden_states[:, :n_text]
+
+    def _result(self, img: Tensor, txt: Tensor | None):
+        if txt is None:
+            return img
+        return torch.cat([txt, img], dim=1) if self.single else (img, txt)
 
     def _hook(self, qkv: JointQKV, step: Step, n_branches: int) -> JointQKV:
-        """The editor's ``self_attention`` on the normed image Q/K/V, (B, F, S, C) by branch."""
+        """The editor's ``self_attention`` on the normed (and, on FLUX, rotated) image Q/K/V, (B, F, S, C) by branch."""
         h = qkv.q.shape[2]
         q, k, v = (rearrange(t, "(b f) s h d -> b f s (h d)", b=n_branches) for t in (qkv.q, qkv.k, qkv.v))
         q2, k2, v2 = self.runtime.editor.self_attention(self.name, q, k, v, step)
@@ -271,15 +343,15 @@ class TokenFlowJointAttention:
         propagator = self.runtime.propagator
         x = rearrange(x, "(b f) s c -> b f s c", b=n_branches)
         out = rearrange(out, "(b f) s c -> b f s c", b=n_branches)
-        keep = [i for i in range(n_branches) if not (i == src and propagator.source_features == "clean")]
         source = x[src] if src is not None and propagator.needs_source else None
-        tokens = KeyframeTokens([int(f) for f in step.frames.tolist()], source, out[keep])
+        tokens = KeyframeTokens([int(f) for f in step.frames.tolist()], source, out[propagated_branches(step, propagator)])
         previous = self.runtime.keyframe_tokens.get(self.name)
         self.runtime.keyframe_tokens[self.name] = tokens if previous is None else previous.merged(tokens)
 
     def _propagate(self, attn, hidden_states: Tensor, qkv: JointQKV, step: Step, src: int | None,
                    n_branches: int) -> Tensor:
-        """Image outputs ((B F), S, C_out) of a propagate-phase call: propagated, except the ``clean`` source branch."""
+        """Image outputs ((B F), S, C_out) of a propagate-phase call: propagated, except the branches that attend per
+        frame (the ``clean`` source branch, other non-joint branches)."""
         runtime, propagator = self.runtime, self.runtime.propagator
         stored = runtime.keyframe_tokens.get(self.name)
         if stored is None:
@@ -287,22 +359,22 @@ class TokenFlowJointAttention:
         if propagator.needs_source and (src is None or stored.source is None):
             raise RuntimeError(f"{self.name}: {type(propagator).__name__} needs the source branch in the batch")
         x = rearrange(hidden_states, "(b f) s c -> b f s c", b=n_branches)
-        compute_source = src is not None and propagator.source_features == "clean"
-        moved = [i for i in range(n_branches) if not (compute_source and i == src)]
+        moved = propagated_branches(step, propagator)
         query = PropagationQuery(
             layer=self.name, grid=patch_grid(runtime.latent_hw, x.shape[2]), timestep=step.timestep,
             frames=step.frames, keyframes=torch.tensor(stored.ids, dtype=torch.long), keyframe_outputs=stored.outputs,
             source=x[src] if propagator.needs_source else None,
             keyframe_source=stored.source if propagator.needs_source else None, on_match=runtime.on_match)
         propagated = propagator.propagate(query)  # (len(moved), F, S, C_out)
-        if not compute_source:
+        if len(moved) == n_branches:
             return rearrange(propagated, "b f s c -> (b f) s c")
         n_frames = x.shape[1]
-        own = _image_out(attn, image_attention(qkv.rows(slice(src * n_frames, (src + 1) * n_frames)), False,
-                                               runtime.attention_chunk, self._attention_backend))
         out = propagated.new_empty(n_branches, *propagated.shape[1:])
         out[moved] = propagated
-        out[src] = own.to(out.dtype)  # the unmodified source
+        for i in sorted(set(range(n_branches)) - set(moved)):  # their own attention (e.g. the unmodified source)
+            own = image_attention(qkv.rows(slice(i * n_frames, (i + 1) * n_frames)), False, runtime.attention_chunk,
+                                  self._backend)
+            out[i] = _image_out(attn, own).to(out.dtype)
         return rearrange(out, "b f s c -> (b f) s c")
 
 
@@ -315,14 +387,16 @@ def joint_attention_layers(transformer: torch.nn.Module) -> tuple[str, ...]:
 
 def _check_supported(name: str, processor) -> None:
     from diffusers.models.attention_processor import JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
-    if not isinstance(processor, (JointAttnProcessor2_0, TokenFlowJointAttention)):
-        raise ConfigError(f"attention layer {name} runs {type(processor).__name__}, not JointAttnProcessor2_0 — TokenFlow's "
-                          "SD3 processor reproduces only that one; reset it with transformer.set_default_attn_processor()")
+    if not isinstance(processor, (JointAttnProcessor2_0, FluxAttnProcessor, TokenFlowJointAttention)):
+        raise ConfigError(f"attention layer {name} runs {type(processor).__name__}, not JointAttnProcessor2_0 (SD 3) or "
+                          "FluxAttnProcessor (FLUX) — TokenFlow's MMDiT processor reproduces only those; reset it with "
+                          "transformer.set_default_attn_processor()")
 
 
 class JointAttentionHandle:
-    """TokenFlow processors installed in an SD3 transformer; :meth:`remove` restores the saved processor objects."""
+    """TokenFlow processors installed in an MMDiT transformer; :meth:`remove` restores the saved processor objects."""
 
     def __init__(self, transformer: torch.nn.Module, runtime: TokenFlowRuntime, layers: tuple[str, ...],
                  saved: dict) -> None:
@@ -352,7 +426,8 @@ def install_joint_attention(transformer: torch.nn.Module, runtime: TokenFlowRunt
                             layers: tuple[str, ...] | list[str] | None = None) -> JointAttentionHandle:
     """Install a :class:`TokenFlowJointAttention` at each of ``layers`` (default: :func:`joint_attention_layers`);
     every other layer keeps its processor. The attention backend a layer had is carried over."""
-    layers = tuple(joint_attention_layers(transformer) if layers is None else layers)
+    layout = MMDiTLayout.from_transformer(transformer)
+    layers = tuple(layout.self_attention if layers is None else layers)
     saved = dict(transformer.attn_processors)
     if any(isinstance(p, TokenFlowJointAttention) for p in saved.values()):
         raise RuntimeError("TokenFlow joint-attention processors already installed; call remove() first")
@@ -363,8 +438,9 @@ def install_joint_attention(transformer: torch.nn.Module, runtime: TokenFlowRunt
             raise ConfigError(f"{name} is not an attention layer of this transformer — choose among "
                               f"{list(joint_attention_layers(transformer))}")
         _check_supported(name, saved[key])
-        proc = TokenFlowJointAttention(name, runtime)
+        proc = TokenFlowJointAttention(name, runtime, single=name in layout.single_stream, patch=layout.patch_size)
         proc._attention_backend = getattr(saved[key], "_attention_backend", None)
+        proc._parallel_config = getattr(saved[key], "_parallel_config", None)
         procs[key] = proc
     transformer.set_attn_processor(procs)
     return JointAttentionHandle(transformer, runtime, layers, saved)

@@ -128,18 +128,25 @@ class TransformerShape:
     def from_model(cls, model: Any) -> "TransformerShape":
         parts = [p for p in model.components().values()]
         weights = sum(t.numel() * t.element_size() for part in parts for t in list(part.parameters()) + list(part.buffers()))
-        return cls.from_configs(dict(model.transformer.config), dict(model.vae.config),
-                                int(next(model.transformer.parameters()).dtype.itemsize), int(model.vae_dtype.itemsize),
-                                int(weights), text_tokens=77 + int(model.max_sequence_length))
+        clip = 0 if hasattr(model.denoiser, "single_transformer_blocks") else 77  # FLUX's text tokens are T5's only
+        return cls.from_configs(dict(model.denoiser.config), dict(model.vae.config),
+                                int(next(model.denoiser.parameters()).dtype.itemsize), int(model.vae_dtype.itemsize),
+                                int(weights), text_tokens=clip + int(model.max_sequence_length))
 
     @classmethod
     def from_configs(cls, transformer: dict[str, Any], vae: dict[str, Any], element_size: int, vae_element_size: int = 4,
                      weights_bytes: int = 0, text_tokens: int = 77 + 256) -> "TransformerShape":
-        """From ``transformer/config.json`` and ``vae/config.json`` of a diffusers SD 3 folder (no weights needed)."""
+        """From ``transformer/config.json`` and ``vae/config.json`` of a diffusers SD 3 or FLUX.1 folder (no weights
+        needed). FLUX: double- and single-stream blocks each hold one image self-attention; tokens are 2x2-packed
+        latents of ``in_channels / 4`` channels."""
         layers = int(transformer["num_layers"])
         dual = len(transformer.get("dual_attention_layers") or ())
-        return cls(int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]), layers + dual,
-                   int(transformer["patch_size"]), int(text_tokens), int(transformer["in_channels"]),
+        flux = "num_single_layers" in transformer
+        single = int(transformer.get("num_single_layers") or 0)
+        patch = 2 * int(transformer["patch_size"]) if flux else int(transformer["patch_size"])
+        channels = int(transformer["in_channels"]) // 4 if flux else int(transformer["in_channels"])
+        return cls(int(transformer["num_attention_heads"]) * int(transformer["attention_head_dim"]), layers + dual + single,
+                   patch, int(text_tokens), channels,
                    2 ** (len(vae["block_out_channels"]) - 1), tuple(vae["block_out_channels"]), element_size,
                    vae_element_size, weights_bytes)
 

@@ -32,7 +32,7 @@ from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.loading import as_model
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, TeeTrajectory
-from tokenflow.samplers import Grid, Sampler, sampler_for
+from tokenflow.samplers import Grid, Sampler, model_sampler
 from tokenflow.storage.cache import InversionCache, cache_key
 from tokenflow.storage.video import Video, frames_from_tensor, video_fingerprint
 
@@ -147,7 +147,7 @@ class TokenFlowPipeline:
         self.n_steps, self.chunk_size, self.cache = n_steps, chunk_size, cache
         # the model's scheduler config decides the sampler, for the inversion as for the edit (and it enters the
         # model's fingerprint, so cached inversions never mix samplers): to sample otherwise, set model.scheduler
-        self.sampler: Sampler = sampler_for(self.model.scheduler)
+        self.sampler: Sampler = model_sampler(self.model)
         self.layout = self.model.layout()
         self.unet_evaluations = 0
 
@@ -156,11 +156,15 @@ class TokenFlowPipeline:
         """Predictions by branch, in the sampler's guidance form (ε, velocity), for edited latents ``x`` (F, C, h, w)
         of ``step.frames`` at ``level``, float32."""
         frames = step.frames.cpu()
-        latents, texts, images, extras = [], [], [], []
+        latents, texts, images, extras, guidance = [], [], [], [], []
         for branch in step.branches:
-            z = x if branch.latents == "edit" else inversion.at(step.timestep, frames).to(x)
+            if branch.make_latents is not None:
+                z = branch.make_latents(x, step).to(x)
+            else:
+                z = x if branch.latents == "edit" else inversion.at(step.timestep, frames).to(x)
             text = branch.text.rows(frames)
             latents.append(z)
+            guidance += [branch.guidance] * len(z)
             texts.append(text)
             images.append(None if branch.image_latents is None else _rows(branch.image_latents, frames))
             extras.append(None if branch.unet_inputs is None else
@@ -171,10 +175,22 @@ class TokenFlowPipeline:
         image = None if images[0] is None else torch.cat([i.to(x) for i in images])
         batch = torch.cat(latents)
         out = self.model.predict(batch, step.timestep, TextEmbedding.cat(texts), image_latents=image,
-                                 extra=_merge_unet_inputs(extras, [len(z) for z in latents]))
+                                 extra=_merge_unet_inputs(extras, [len(z) for z in latents]),
+                                 **self._guidance_input(guidance))
         eps = self.sampler.to_form(out, batch, level)
         self.unet_evaluations += batch.shape[0]
         return dict(zip(step.names, eps.chunk(len(step.branches))))
+
+    def _guidance_input(self, rows: list[float | None]) -> dict[str, Tensor]:
+        """``guidance=`` for the model call: one value per row (the model's default where a branch names none), or
+        nothing when no branch names one."""
+        if all(g is None for g in rows):
+            return {}
+        if not getattr(self.model, "guidance_embedded", False):
+            raise ConfigError(f"a branch sets a guidance input but '{self.model.identity}' has none (only guidance-"
+                              "distilled models such as FLUX.1-dev read one) — leave Branch.guidance None")
+        default = float(self.model.guidance)
+        return {"guidance": torch.tensor([default if g is None else float(g) for g in rows], dtype=torch.float32)}
 
     def _branches(self, step: Step, source: Branch | None) -> tuple[Branch, ...]:
         edit = tuple(self.editor.branches(step))
@@ -299,7 +315,7 @@ class TokenFlowPipeline:
         if path.timesteps != list(timesteps):  # not a tail of the grid: a custom editor's own timesteps
             path = self.sampler.path(list(timesteps))
         missing = [t for t in timesteps if not inversion.has(t)]
-        if missing and (self.editor.needs_source or self.propagator.uses_keyframes):
+        if missing and self.editor.needs_inversion and (self.editor.needs_source or self.propagator.uses_keyframes):
             raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
         x = self.editor.initial_latents(inputs, timesteps).to(self.model.device, torch.float32)  # on the device: no
         # host round trip per UNet call
@@ -332,9 +348,11 @@ class TokenFlowPipeline:
     def _source_identity(self, inversion: InversionResult, inversion_prompt: str) -> str:
         """What the source branch's tokens depend on: the model, the inversion, the source prompt and the editor
         (editors may shape the source branch); keys reusable correspondence records."""
+        shaped = self.editor.source_settings()
         return record_key(model=self.model.fingerprint, settings=inversion.settings, prompt=inversion.prompt,
                           timesteps=inversion.timesteps, clean=inversion.clean, source_prompt=inversion_prompt,
-                          editor=f"{type(self.editor).__module__}.{type(self.editor).__qualname__}")
+                          editor=f"{type(self.editor).__module__}.{type(self.editor).__qualname__}",
+                          **({} if shaped is None else {"editor_source": shaped}))
 
     def __call__(self, video: Video, prompt: str, negative_prompt: str = "", inversion_prompt: str = "",
                  progress: bool = True, on_match: CorrespondenceCallback | None = None,
@@ -344,7 +362,10 @@ class TokenFlowPipeline:
         check_pairing(self.editor, self.model, self.sampler)  # before the inversion: a model the editor
         self.editor.check(self.model)  # cannot drive fails at once
         t0 = time.perf_counter()
-        inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
+        if self.editor.needs_inversion:
+            inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
+        else:  # inversion-free (FlowEdit): the encoded frames only, no trajectory on disk
+            inversion, hit = InversionResult.clean_only(encode_video(self.model, video), inversion_prompt), False
         t_inv = time.perf_counter() - t0
         result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video,
                            output=output, keep_frames=keep_frames)

@@ -123,18 +123,25 @@ def token_grid(latent_hw: tuple[int, int], n_tokens: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class MMDiTLayout:
-    """Hook sites of an MMDiT (SD 3 / 3.5) transformer, derived from its blocks: the one place that knows them.
+    """Hook sites of an MMDiT transformer (SD 3 / 3.5, FLUX.1), derived from its blocks: the one place that knows them.
 
     ``self_attention``: the layers whose image tokens attend to each other, in execution order —
-    ``transformer_blocks.{i}.attn`` (joint image+text attention) and, in SD 3.5's dual-attention blocks,
-    ``transformer_blocks.{i}.attn2`` (image-only). ``block`` maps each to its block index; ``patch_size``
-    is the transformer's patch embedding stride (tokens per frame: (h/p)·(w/p)).
+    SD 3: ``transformer_blocks.{i}.attn`` (joint image+text attention) and, in SD 3.5's dual-attention blocks,
+    ``transformer_blocks.{i}.attn2`` (image-only); FLUX: the double-stream ``transformer_blocks.{i}.attn``, then
+    the single-stream ``single_transformer_blocks.{j}.attn``, whose input is the text and image tokens
+    concatenated (``single_stream``). ``block`` maps each to its block index, single-stream blocks numbered on
+    after the double-stream ones (FLUX.1: 0-18 double, 19-56 single, the numbering Stable Flow's "vital layers"
+    use). ``patch_size``: latent pixels per token side (SD 3: the patch embedding's stride; FLUX: the pipeline's
+    2x2 packing). ``rope``: positions enter as rotary embeddings of each layer's queries and keys (FLUX), not
+    as absolute embeddings before the blocks (SD 3).
     """
 
     self_attention: tuple[str, ...]
     block: dict[str, int]
     n_blocks: int
     patch_size: int
+    single_stream: frozenset[str] = frozenset()
+    rope: bool = False
 
     cross_attention: tuple[str, ...] = ()  # no separate cross-attention: text enters the joint attention
 
@@ -144,14 +151,24 @@ class MMDiTLayout:
         block: dict[str, int] = {}
         blocks = getattr(transformer, "transformer_blocks", None)
         if blocks is None:
-            raise ConfigError(f"{type(transformer).__name__} has no transformer_blocks — an MMDiT (SD 3) transformer is needed")
+            raise ConfigError(f"{type(transformer).__name__} has no transformer_blocks — an MMDiT (SD 3, FLUX) "
+                              "transformer is needed")
         for i, b in enumerate(blocks):
             for child in ("attn", "attn2"):  # JointTransformerBlock.forward runs attn, then attn2
                 module = getattr(b, child, None)
                 if module is not None and hasattr(module, "processor"):
                     names.append(f"transformer_blocks.{i}.{child}")
                     block[names[-1]] = i
-        return cls(tuple(names), block, len(blocks), int(transformer.config.patch_size))
+        single_blocks = getattr(transformer, "single_transformer_blocks", None)
+        single: list[str] = []
+        for j, b in enumerate(single_blocks or ()):
+            names.append(f"single_transformer_blocks.{j}.attn")
+            block[names[-1]] = len(blocks) + j
+            single.append(names[-1])
+        n_blocks = len(blocks) + len(single_blocks or ())
+        if single_blocks is not None:  # FLUX: tokens are 2x2 packed latents (the pipeline's packing) of patch 1
+            return cls(tuple(names), block, n_blocks, 2 * int(transformer.config.patch_size), frozenset(single), True)
+        return cls(tuple(names), block, n_blocks, int(transformer.config.patch_size))
 
     def blocks_self_attention(self, indices: list[int] | tuple[int, ...]) -> tuple[str, ...]:
         """The image self-attention layers of the given blocks; an index out of range is an error."""

@@ -15,6 +15,7 @@ import torch
 
 from tokenflow.errors import ConfigError, ModelLoadError
 from tokenflow.models.backbone import DiffusionModel
+from tokenflow.models.flux import FluxModel
 from tokenflow.models.mmdit import SD3Model
 from tokenflow.models.tiny import DEFAULT_TINY_VARIANT
 
@@ -92,9 +93,21 @@ def _is_mmdit(index: dict[str, Any], path: str) -> bool:
     return (Path(path) / "transformer").is_dir() and not (Path(path) / "unet").is_dir()
 
 
-def as_model(obj: Any) -> "DiffusionModel | SD3Model":
+def _is_flux(index: dict[str, Any], path: str) -> bool:
+    """A FLUX.1 folder: model_index.json names a Flux pipeline (or, without an index, the transformer config names
+    FluxTransformer2DModel)."""
+    if index:
+        return str(index.get("_class_name", "")).startswith("Flux")
+    config = Path(path) / "transformer" / "config.json"
+    try:
+        return json.loads(config.read_text()).get("_class_name") == "FluxTransformer2DModel"
+    except (OSError, ValueError):
+        return False
+
+
+def as_model(obj: Any) -> "DiffusionModel | SD3Model | FluxModel":
     """``obj`` as a backbone: itself, or a diffusers pipeline's components; anything else is refused."""
-    if isinstance(obj, (DiffusionModel, SD3Model)):
+    if isinstance(obj, (DiffusionModel, SD3Model, FluxModel)):
         return obj
     if all(hasattr(obj, name) for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler")) or \
             getattr(obj, "transformer", None) is not None:
@@ -106,15 +119,19 @@ def as_model(obj: Any) -> "DiffusionModel | SD3Model":
 def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", revision: str | None = None,
                variant: str | None = None, local_files_only: bool = False, cache_dir: str | None = None,
                tiny_seed: int = 0, tiny_variant: str = DEFAULT_TINY_VARIANT,
-               max_sequence_length: int | None = None) -> "DiffusionModel | SD3Model":
-    """Load SD 1.x/2.x, SDXL or SD 3/3.5 components from a hub id, a local folder, or ``tiny`` (built offline, cached).
+               max_sequence_length: int | None = None,
+               guidance: float | None = None) -> "DiffusionModel | SD3Model | FluxModel":
+    """Load SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 components from a hub id, a local folder, or ``tiny`` (built
+    offline, cached).
 
-    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21, sdxl, sd3-medium or
-    sd35-medium: the published config of that checkpoint with tiny widths, see
-    :mod:`tokenflow.models.variants` and :mod:`tokenflow.models.variants_mmdit`), built once under
-    ``cache_dir`` (default: the library's user cache dir) and then loaded like any folder. An already
-    loaded diffusers pipeline is accepted too (see :func:`from_pipeline`). ``max_sequence_length``: T5 tokens per
-    prompt of an SD 3 model (default the pipeline's 256).
+    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21, sdxl, sd3-medium,
+    sd35-medium, flux-dev or flux-schnell: the published config of that checkpoint with tiny widths, see
+    :mod:`tokenflow.models.variants`, :mod:`tokenflow.models.variants_mmdit` and
+    :mod:`tokenflow.models.variants_flux`), built once under ``cache_dir`` (default: the library's user cache
+    dir) and then loaded like any folder. An already loaded diffusers pipeline is accepted too (see
+    :func:`from_pipeline`). ``max_sequence_length``: T5 tokens per prompt of an SD 3 / FLUX model (default the
+    pipeline's: 256 for SD 3, 512 for FLUX). ``guidance``: FLUX.1-dev's guidance input for calls whose branch
+    names none (default the pipeline's 3.5).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -135,6 +152,11 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
         if tiny_variant in MMDIT_CHECKPOINTS:
             spec = TinyMMDiTSpec(seed=tiny_seed, variant=tiny_variant)
             path = str(tiny_mmdit_folder(cache_dir or default_cache_dir(), spec))
+        elif str(tiny_variant).startswith("flux"):
+            from tokenflow.models.tiny_flux import TinyFluxSpec, tiny_flux_folder
+
+            spec = TinyFluxSpec(seed=tiny_seed, variant=tiny_variant)
+            path = str(tiny_flux_folder(cache_dir or default_cache_dir(), spec))
         else:
             spec = TinyModelSpec(seed=tiny_seed, variant=tiny_variant)
             path = str(tiny_model_folder(cache_dir or default_cache_dir(), spec))
@@ -152,13 +174,19 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
             raise ModelLoadError(f"model folder '{source}' does not exist — check the path or use a hub id")
     kw: dict[str, Any] = dict(revision=revision, local_files_only=local_files_only)
     index = _model_index(path, local_files_only, revision)
-    if _is_mmdit(index, path):
-        model = _load_mmdit(path, source, identity, dev, torch_dtype, variant, index, kw)
+    flux = _is_flux(index, path)
+    if guidance is not None and not flux:
+        raise ConfigError(f"model.guidance={guidance} is FLUX.1-dev's guidance input; '{source}' has none (its editors "
+                          "guide with editor.guidance_scale) — drop the setting")
+    if flux or _is_mmdit(index, path):
+        model = (_load_flux if flux else _load_mmdit)(path, source, identity, dev, torch_dtype, variant, index, kw)
         if max_sequence_length is not None:
             if not 1 <= int(max_sequence_length) <= 512:
                 raise ConfigError(f"model.max_sequence_length={max_sequence_length} must be in 1..512 — T5 reads at "
-                                  "most 512 tokens; 256 is the SD 3 pipeline's default")
+                                  "most 512 tokens; 256 is the SD 3 pipeline's default, 512 FLUX's")
             model.max_sequence_length = int(max_sequence_length)
+        if guidance is not None:
+            model.guidance = _guidance(guidance, model)
         return model
     if max_sequence_length is not None:
         raise ConfigError(f"model.max_sequence_length={max_sequence_length} sets SD 3's T5 tokens; '{source}' is an SD "
@@ -217,7 +245,7 @@ def _load_mmdit(path: str, source: str, identity: str, device: torch.device, dty
         }
         if not index or _listed(index, "text_encoder_3"):
             parts["text_encoder_3"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **weights)
-            parts["tokenizer_3"] = _tokenizer_3(path, index, kw) or AutoTokenizer.from_pretrained(
+            parts["tokenizer_3"] = _listed_tokenizer(path, index, "tokenizer_3", kw) or AutoTokenizer.from_pretrained(
                 path, subfolder="tokenizer_3", **kw)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -227,15 +255,54 @@ def _load_mmdit(path: str, source: str, identity: str, device: torch.device, dty
     return _assemble_mmdit(parts, device, dtype, identity)
 
 
-def _tokenizer_3(path: str, index: dict[str, Any], kw: dict[str, Any]):
-    """The T5 slot's tokenizer by the class model_index.json names (ByT5Tokenizer in the tiny builds), else None."""
-    entry = index.get("tokenizer_3") if index else None
+def _load_flux(path: str, source: str, identity: str, device: torch.device, dtype: torch.dtype, variant: str | None,
+               index: dict[str, Any], kw: dict[str, Any]) -> FluxModel:
+    """The components of a FLUX.1 folder, each through its own ``from_pretrained``."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
+
+    weights = dict(torch_dtype=dtype, variant=variant, **kw)
+    try:
+        parts: dict[str, Any] = {
+            "transformer": FluxTransformer2DModel.from_pretrained(path, subfolder="transformer", **weights),
+            "vae": AutoencoderKL.from_pretrained(path, subfolder="vae", **weights),
+            "text_encoder": CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights),
+            "text_encoder_2": T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **weights),
+            "tokenizer": CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", **kw),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw),
+        }
+        parts["tokenizer_2"] = _listed_tokenizer(path, index, "tokenizer_2", kw) or AutoTokenizer.from_pretrained(
+            path, subfolder="tokenizer_2", **kw)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(
+            f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while online "
+            "(or set HF_HUB_OFFLINE=0), or use model=tiny model.tiny_variant=flux-dev for the offline test model") from e
+    _place([parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]], parts["vae"], device, dtype)
+    log.info("loaded %s on %s (%s)", identity, device, str(dtype).replace("torch.", ""))
+    return FluxModel(device=device, dtype=dtype, identity=identity, **parts)
+
+
+def _guidance(value: float, model: Any) -> float:
+    import math
+
+    if not getattr(model, "guidance_embedded", False):
+        raise ConfigError(f"model.guidance={value}: '{model.identity}' has no guidance input (guidance_embeds=false, "
+                          "e.g. FLUX.1-schnell) — drop the setting")
+    if not (math.isfinite(float(value)) and float(value) >= 0):
+        raise ConfigError(f"model.guidance={value} must be a finite number >= 0 — FLUX.1-dev's default is 3.5")
+    return float(value)
+
+
+def _listed_tokenizer(path: str, index: dict[str, Any], slot: str, kw: dict[str, Any]):
+    """The tokenizer in ``slot`` by the class model_index.json names (ByT5Tokenizer in the tiny builds), else None."""
+    entry = index.get(slot) if index else None
     if not entry or entry[0] != "transformers":
         return None
     import transformers
 
     cls = getattr(transformers, str(entry[1]), None)
-    return None if cls is None else cls.from_pretrained(path, subfolder="tokenizer_3", **kw)
+    return None if cls is None else cls.from_pretrained(path, subfolder=slot, **kw)
 
 
 def _assemble_mmdit(parts: dict[str, Any], device: torch.device, dtype: torch.dtype, identity: str) -> SD3Model:
@@ -265,6 +332,20 @@ def from_pipeline(pipe: Any, device: str | torch.device | None = None, dtype: st
     """
     from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
+    if getattr(pipe, "transformer", None) is not None and hasattr(pipe.transformer, "single_transformer_blocks"):
+        missing = [name for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+                   if getattr(pipe, name, None) is None]
+        if missing:
+            raise ModelLoadError(f"{type(pipe).__name__} has a FLUX transformer but no {', '.join(missing)} — pass a "
+                                 "FluxPipeline")
+        dev = torch.device(device) if device is not None else next(pipe.transformer.parameters()).device
+        torch_dtype = resolve_dtype(dtype, dev) if dtype is not None else next(pipe.transformer.parameters()).dtype
+        name = getattr(getattr(pipe, "config", None), "_name_or_path", None) or type(pipe).__name__
+        parts = {k: getattr(pipe, k) for k in ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2",
+                                                "tokenizer_2")}
+        parts["scheduler"] = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        _place([parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]], parts["vae"], dev, torch_dtype)
+        return FluxModel(device=dev, dtype=torch_dtype, identity=f"pipeline:{name}", **parts)
     if getattr(pipe, "transformer", None) is not None:  # StableDiffusion3Pipeline-like
         missing = [name for name in ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
                    if getattr(pipe, name, None) is None]

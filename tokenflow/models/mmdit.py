@@ -25,6 +25,19 @@ from tokenflow.models.layout import MMDiTLayout
 log = logging.getLogger(__name__)
 
 
+def token_ids(tokenizer, prompts: list[str], limit: int, device: torch.device) -> Tensor:
+    """Token ids (n, limit) padded to ``limit`` and truncated there, as the SD 3 / FLUX pipelines tokenize; a prompt
+    that is cut is named in a warning with what was dropped."""
+    for prompt in prompts:
+        ids = tokenizer(prompt, truncation=False).input_ids
+        if len(ids) > limit:
+            dropped = tokenizer.decode(ids[limit - 1 : -1])
+            log.warning("prompt %r is longer than %s's %d tokens; dropped: %r", prompt, type(tokenizer).__name__,
+                        limit, dropped)
+    tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt")
+    return tokens.input_ids.to(device)
+
+
 @dataclass
 class SD3Model(VAECoding):
     """The components of an SD 3 / 3.5 checkpoint on one device and dtype (``text_encoder_3`` may be None).
@@ -128,7 +141,7 @@ class SD3Model(VAECoding):
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         states, pooled = [], []
         for tokenizer, encoder in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-            out = encoder(self._token_ids(tokenizer, prompts, tokenizer.model_max_length), output_hidden_states=True)
+            out = encoder(token_ids(tokenizer, prompts, tokenizer.model_max_length, self.device), output_hidden_states=True)
             pooled.append(out[0])
             states.append(out.hidden_states[-2])
         clip = torch.cat(states, dim=-1)
@@ -136,31 +149,23 @@ class SD3Model(VAECoding):
         if self.text_encoder_3 is None:
             t5 = torch.zeros(len(prompts), self.max_sequence_length, width, device=self.device, dtype=clip.dtype)
         else:
-            t5 = self.text_encoder_3(self._token_ids(self.tokenizer_3, prompts, self.max_sequence_length,
-                                                     special=True))[0]
+            t5 = self.text_encoder_3(token_ids(self.tokenizer_3, prompts, self.max_sequence_length, self.device))[0]
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         hidden = torch.cat([clip.to(self.dtype), t5.to(self.dtype)], dim=-2)
         return TextEmbedding(hidden, torch.cat(pooled, dim=-1).to(self.dtype))
 
-    def _token_ids(self, tokenizer, prompts: list[str], limit: int, special: bool = False) -> Tensor:
-        extra = {"add_special_tokens": True} if special else {}
-        for prompt in prompts:
-            ids = tokenizer(prompt, truncation=False, **extra).input_ids
-            if len(ids) > limit:
-                dropped = tokenizer.decode(ids[limit - 1 : -1])
-                log.warning("prompt %r is longer than %s's %d tokens; dropped: %r", prompt, type(tokenizer).__name__,
-                            limit, dropped)
-        tokens = tokenizer(prompts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt", **extra)
-        return tokens.input_ids.to(self.device)
-
     # ---- the transformer -------------------------------------------------------------------------
     def predict(self, latents: Tensor, timestep: float, text: TextEmbedding | Tensor, *,
-                image_latents: Tensor | None = None, extra: dict[str, Any] | None = None) -> Tensor:
+                image_latents: Tensor | None = None, extra: dict[str, Any] | None = None,
+                guidance: Tensor | None = None) -> Tensor:
         """The transformer's velocity (B, C, h, w), float32, for ``latents`` (B, C, h, w) at ``timestep`` (σ·T).
 
         ``text``: (B, L, D) hidden states with (B, P) pooled projections. ``extra``: further transformer
-        inputs (e.g. ``joint_attention_kwargs``). Image-conditioned inputs do not exist for SD 3 here.
+        inputs (e.g. ``joint_attention_kwargs``). Image-conditioned inputs and a guidance input do not exist for
+        SD 3 (its guidance is classifier-free, over branches).
         """
+        if guidance is not None:
+            raise ConfigError("SD 3 has no guidance input (it is guided classifier-free) — drop the branch's guidance")
         if image_latents is not None:
             raise ConfigError("SD 3 takes no extra image channels — editors that need them (ip2p, depth) are SD-UNet only")
         text = as_text_embedding(text)

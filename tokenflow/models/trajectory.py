@@ -219,6 +219,11 @@ class InversionResult:
         self.prompt, self.settings, self.null_text = prompt, settings, null_text
         self.extras = {} if extras is None else extras
 
+    @classmethod
+    def clean_only(cls, clean: Tensor, prompt: str) -> "InversionResult":
+        """The encoded frames without a trajectory: what an inversion-free editor (FlowEdit) starts from."""
+        return cls([], torch.empty(0, *clean.shape), clean, prompt, {"inverter": "none"})
+
     @property
     def latents(self) -> Tensor:
         """The whole trajectory (T, N, 4, h, w) (read from the store: T x N latents in RAM)."""

@@ -7,12 +7,18 @@ checkpoint's scheduler config (shift, resolution-dependent dynamic shifting with
 count as the SD 3 / FLUX pipelines derive it, terminal stretching, Karras/exponential/beta spacing): the
 scheduler itself is asked, on a copy, so every config option means what it means there. The step is done
 in float32 exactly as the scheduler's (``dt`` a float32 difference of float32 σs).
+
+Pipelines space the unshifted σs differently, and the sampler follows the backbone's pipeline
+(``spacing``): ``"scheduler"`` — the scheduler's own ``set_timesteps(n)``, n timesteps evenly from σ_max·T to
+σ_min·T (``StableDiffusion3Pipeline``); ``"linear"`` — σ = linspace(1, 1/n, n) handed to ``set_timesteps``
+as custom sigmas, then shifted (``FluxPipeline``).
 """
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,7 +39,12 @@ class FlowMatchEulerSampler(Sampler):
     label = "flow-matching Euler"
     form = "velocity"
 
-    def __init__(self, scheduler: Any) -> None:
+    SPACINGS = ("scheduler", "linear")
+
+    def __init__(self, scheduler: Any, spacing: str = "scheduler") -> None:
+        if spacing not in self.SPACINGS:
+            raise ConfigError(f"σ spacing {spacing!r} is unknown — use one of {', '.join(self.SPACINGS)}")
+        self.spacing = spacing
         cfg = scheduler.config
         if cfg.get("stochastic_sampling", False):
             raise ModelLoadError("scheduler stochastic_sampling=True adds fresh noise at every step and cannot be "
@@ -70,7 +81,10 @@ class FlowMatchEulerSampler(Sampler):
                               f"timesteps — use n_steps (and inverter.n_steps) between 1 and {self.num_train_timesteps}")
         scheduler = self._scheduler()
         mu = self.mu(image_seq_len)
-        scheduler.set_timesteps(n_steps, **({} if mu is None else {"mu": mu}))
+        extra: dict[str, Any] = {} if mu is None else {"mu": mu}
+        if self.spacing == "linear":  # FluxPipeline: sigmas = np.linspace(1.0, 1 / n, n), shifted by the scheduler
+            extra["sigmas"] = np.linspace(1.0, 1 / n_steps, n_steps)
+        scheduler.set_timesteps(n_steps, **extra)
         sigmas = [float(s) for s in scheduler.sigmas]
         timesteps = [float(t) for t in scheduler.timesteps]
         if not all(math.isfinite(v) for v in sigmas + timesteps):
@@ -102,4 +116,4 @@ class FlowMatchEulerSampler(Sampler):
         keep = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
                 "max_image_seq_len", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
                 "use_beta_sigmas", "time_shift_type")
-        return {"sampler": "flow_match_euler", **{k: self.config.get(k) for k in keep}}
+        return {"sampler": "flow_match_euler", "spacing": self.spacing, **{k: self.config.get(k) for k in keep}}
