@@ -205,12 +205,17 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
                                                                          torch_dtype=torch_dtype, variant=variant, **kw)
             tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while online "
-            "(or set HF_HUB_OFFLINE=0), or use model=tiny for the offline test model") from e
+        raise _load_error(source, e, "model=tiny") from e
     return _assemble(vae, text_encoder, tokenizer, unet, scheduler, dev, torch_dtype, identity, text_encoder_2,
                      tokenizer_2)
+
+
+def _load_error(source: str, error: Exception, tiny: str) -> ModelLoadError:
+    """The one line for a checkpoint that cannot be loaded: the first line of the cause, and the fixes (``tiny``:
+    the offline test model of the same family)."""
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return ModelLoadError(f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while "
+                          f"online (or set HF_HUB_OFFLINE=0), or use {tiny} for the offline test model")
 
 
 def _place(parts: list, vae, device: torch.device, dtype: torch.dtype) -> None:
@@ -248,10 +253,7 @@ def _load_mmdit(path: str, source: str, identity: str, device: torch.device, dty
             parts["tokenizer_3"] = _listed_tokenizer(path, index, "tokenizer_3", kw) or AutoTokenizer.from_pretrained(
                 path, subfolder="tokenizer_3", **kw)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while online "
-            "(or set HF_HUB_OFFLINE=0), or use model=tiny model.tiny_variant=sd35-medium for the offline test model") from e
+        raise _load_error(source, e, "model=tiny model.tiny_variant=sd35-medium") from e
     return _assemble_mmdit(parts, device, dtype, identity)
 
 
@@ -274,10 +276,7 @@ def _load_flux(path: str, source: str, identity: str, device: torch.device, dtyp
         parts["tokenizer_2"] = _listed_tokenizer(path, index, "tokenizer_2", kw) or AutoTokenizer.from_pretrained(
             path, subfolder="tokenizer_2", **kw)
     except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelLoadError(
-            f"cannot load model '{source}': {first[:200]} — check the id/path, download it first while online "
-            "(or set HF_HUB_OFFLINE=0), or use model=tiny model.tiny_variant=flux-dev for the offline test model") from e
+        raise _load_error(source, e, "model=tiny model.tiny_variant=flux-dev") from e
     _place([parts["transformer"], parts["text_encoder"], parts["text_encoder_2"]], parts["vae"], device, dtype)
     log.info("loaded %s on %s (%s)", identity, device, str(dtype).replace("torch.", ""))
     return FluxModel(device=device, dtype=dtype, identity=identity, **parts)
