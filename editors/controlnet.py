@@ -225,6 +225,9 @@ class ControlNetEditor(KeyframeEditor):
     def timesteps(self, grid: list[int]) -> list[int]:
         return self.base.timesteps(grid)
 
+    def branch_count(self, model, source: bool) -> int:
+        return self.base.branch_count(model, source)
+
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
         return self.base.initial_latents(inputs, timesteps)
 

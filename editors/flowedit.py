@@ -158,6 +158,14 @@ class FlowEditEditor(KeyframeEditor):
             out.append(Branch("cond" + tag, self._tar, make_latents=tar, guidance=self._g_tar))
         return out
 
+    def branch_count(self, model, source: bool) -> int:
+        """Per noise draw: the source and target velocities, each doubled by CFG on a classifier-free model (its
+        own source velocity serves TokenFlow: ``source`` adds nothing)."""
+        cfg_on = getattr(model, "classifier_free", True)
+        c = self.config
+        per_draw = 2 + int(cfg_on and float(c.src_guidance_scale) != 1.0) + int(cfg_on and float(c.tar_guidance_scale) != 1.0)
+        return int(c.n_avg) * per_draw
+
     def source_branch(self, branch: Branch) -> Branch:
         """The pipeline's source branch (for TokenFlow's features in the plain steps): the source prompt at Z_src."""
         return replace(branch, make_latents=lambda x, s: self.z_src(x, s), guidance=self._g_src)

@@ -67,6 +67,9 @@ class InstructPix2PixEditor(KeyframeEditor):
             raise ConfigError(f"editor=ip2p needs an InstructPix2Pix UNet (latents + image latents); "
                               f"'{model.identity}' is text-to-image — use e.g. model.source=timbrooks/instruct-pix2pix")
 
+    def branch_count(self, model, source: bool) -> int:
+        return (3 if self.guided else 1) + int(source)  # full, image, uncond
+
     def source_branch(self, branch: Branch) -> Branch:
         return replace(branch, image_latents=self._image)  # the source runs the same image-conditioned UNet
 

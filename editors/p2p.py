@@ -149,6 +149,9 @@ class PromptToPromptEditor(KeyframeEditor):
             out.append(Branch("uncond", self._uncond.at(step.timestep)))
         return out + [Branch(TARGET, self._embeddings[TARGET])]
 
+    def branch_count(self, model, source: bool) -> int:
+        return 2 + int(self.config.guidance_scale != 1)  # its own source branch, uncond, target
+
     @property
     def guidance_weight(self) -> float:
         return self.config.guidance_scale

@@ -1,4 +1,4 @@
-"""Image-UNet (or, with ``--backbone sd35``, SD 3.5 transformer) evaluations per editor and propagator, measured.
+"""Image-UNet (or, with ``--backbone sd35`` / ``flux``, transformer) evaluations per editor and propagator, measured.
 
 Each editor x propagator edits the same clip on the tiny model (the counts depend only on the schedule,
 not on widths or weights) at two step counts; the counts are checked to be exactly linear in the steps
@@ -6,7 +6,10 @@ and extrapolated to 50 steps and the 16-frame clip the official figures are for.
 are counted apart (a ControlNet costs about half a UNet). Prints a Markdown table.
 
     python experiments/count_unet_evaluations.py --n-frames 16
-    python experiments/count_unet_evaluations.py --n-frames 16 --backbone sd35   # sdedit, kv_injection on SD 3.5
+    python experiments/count_unet_evaluations.py --n-frames 16 --backbone sd35   # sdedit, kv_injection, flowedit on SD 3.5
+    python experiments/count_unet_evaluations.py --n-frames 16 --backbone flux   # the same on FLUX.1-dev
+
+FlowEdit is inversion-free: its inversion column is 0 and it writes no trajectory.
 """
 from __future__ import annotations
 
@@ -20,8 +23,11 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
     steps the editor runs on a 50-step grid) of one edit."""
     from tokenflow import (DDIMInverter, FlowPropagator, NoPropagation, RandomKeyframes, TokenFlowPipeline,
                            TokenFlowPropagator, invert_video)
-    from tokenflow.editors import (ControlNetEditor, InstructPix2PixEditor, KVInjectionEditor, PnPEditor,
-                                   PromptToPromptEditor, SDEditEditor)
+    from tokenflow.editors import (ControlNetEditor, FlowEditEditor, InstructPix2PixEditor, KVInjectionEditor,
+                                   PnPEditor, PromptToPromptEditor, SDEditEditor)
+    from tokenflow.models.trajectory import InversionResult
+    from tokenflow.core.inversion import image_seq_len
+    from tokenflow.core.pipeline import encode_video
 
     editors = {
         "pnp": lambda: PnPEditor(),
@@ -30,6 +36,7 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
         "controlnet": lambda: ControlNetEditor(controlnets={"canny": {"source": "tiny"}}),
         "ip2p": lambda: InstructPix2PixEditor(),
         "kv_injection": lambda: KVInjectionEditor(),
+        "flowedit": lambda: FlowEditEditor(n_max=n_steps),  # every step edited: per-step counts are exact
     }
     propagators = {"tokenflow": TokenFlowPropagator, "flow": FlowPropagator, "none": NoPropagation}
     counter = {"unet": 0, "controlnet": 0}
@@ -42,7 +49,10 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
         pipe = TokenFlowPipeline(model, editor, propagators[propagator_name](), RandomKeyframes(stride=8, seed=0),
                                  inverter, n_steps=n_steps, chunk_size=8)
         prompt = "a robotic wolf" if editor_name != "p2p" else "a fox"  # P2P word swap: equal token counts
-        inversion, _ = invert_video(model, video, inverter, "a wolf", None, progress=False)
+        if editor.needs_inversion:
+            inversion, _ = invert_video(model, video, inverter, "a wolf", None, progress=False)
+        else:  # inversion-free: the encoded frames only, as TokenFlowPipeline.__call__ does
+            inversion = InversionResult.clean_only(encode_video(model, video), "a wolf")
         inverted = counter["unet"]
         if editor_name == "controlnet":  # the ControlNet is loaded in prepare(): count it through a pre-hook then
             original = editor.prepare
@@ -56,7 +66,9 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
             editor.prepare = prepare
         result = pipe.edit(inversion, prompt=prompt, inversion_prompt="a wolf", progress=False, video=video)
         assert result.unet_evaluations == counter["unet"] - inverted
-        at_50 = len(editor.timesteps(pipe.sampler.grid(50).timesteps))  # SDEdit runs the last strength x 50
+        scheduled = FlowEditEditor() if editor_name == "flowedit" else editor  # FlowEdit's published n_max: 33
+        grid = pipe.sampler.grid(50, image_seq_len(model, tuple(inversion.clean.shape[-2:])))
+        at_50 = len(scheduled.timesteps(grid.timesteps))  # SDEdit runs the last strength x 50
         return inverted, counter["unet"] - inverted, counter["controlnet"], len(result.timesteps), at_50
     finally:
         hook.remove()
@@ -67,8 +79,9 @@ def main() -> None:
     parser.add_argument("--n-frames", type=int, default=16)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, nargs=2, default=(2, 4), help="two step counts to measure at")
-    parser.add_argument("--backbone", choices=("sd", "sd35"), default="sd",
-                        help="sd: the tiny SD 2.1-base (every editor); sd35: the tiny SD 3.5 Medium (sdedit, kv_injection)")
+    parser.add_argument("--backbone", choices=("sd", "sd35", "flux"), default="sd",
+                        help="sd: the tiny SD 2.1-base (every editor); sd35 / flux: the tiny SD 3.5 Medium / FLUX.1-dev "
+                             "(sdedit, kv_injection, flowedit)")
     args = parser.parse_args()
 
     import torch
@@ -81,15 +94,16 @@ def main() -> None:
     frames = np.repeat(rng.integers(0, 255, (1, args.size, args.size, 3), dtype=np.uint8), args.n_frames, 0)
     frames = np.stack([np.roll(f, 2 * i, axis=1) for i, f in enumerate(frames)])  # a translating clip
     video = Video(frames=frames, fps=10.0)
-    sd35 = args.backbone == "sd35"
-    model = load_model("tiny", device="cpu", dtype="float32", tiny_variant="sd35-medium" if sd35 else "sd21-base",
-                       max_sequence_length=32 if sd35 else None)  # T5 tokens do not change the counts
-    ip2p = None if sd35 else load_tiny_ip2p(device="cpu", dtype="float32")
+    transformer = args.backbone != "sd"
+    variant = {"sd": "sd21-base", "sd35": "sd35-medium", "flux": "flux-dev"}[args.backbone]
+    model = load_model("tiny", device="cpu", dtype="float32", tiny_variant=variant,
+                       max_sequence_length=32 if transformer else None)  # T5 tokens do not change the counts
+    ip2p = None if transformer else load_tiny_ip2p(device="cpu", dtype="float32")
     n, target = args.n_frames, 50
     print(f"| editor | propagator | inversion / frame / step | edit / frame / editing step | ControlNet / frame / "
           f"editing step | editing steps of {target} | total at {target} steps, {n} frames |")
     print("|---|---|---|---|---|---|---|")
-    for editor in ("sdedit", "kv_injection") if sd35 else ("pnp", "sdedit", "p2p", "controlnet", "ip2p"):
+    for editor in ("sdedit", "kv_injection", "flowedit") if transformer else ("pnp", "sdedit", "p2p", "controlnet", "ip2p"):
         for propagator in ("tokenflow", "flow", "none"):
             m = ip2p if editor == "ip2p" else model
             runs = [count(m, editor, propagator, video, s) for s in args.steps]

@@ -45,3 +45,42 @@ def test_stored_keyframe_tokens_equal_the_estimate(variant, size, cache_dir, mon
     total, layers = stored[0]
     assert layers == len(shape.self_attention_levels) == len(pipe.layout.self_attention)
     assert total == shape.self_attention_tokens(latent, latent)
+
+
+# (tiny variant, editor, editor settings, propagator) -> the branches an editing step runs per frame
+BRANCH_CASES = [
+    ("sd21-base", "pnp", {}, "tokenflow"),            # source, uncond, cond
+    ("sd21-base", "sdedit", {}, "none"),              # uncond, cond
+    ("sd21-base", "sdedit", {}, "tokenflow"),         # + the source branch TokenFlow reads
+    ("sd21-base", "sdedit", {"guidance_scale": 1.0}, "none"),  # guidance 1: cond only
+    ("sd21-base", "p2p", {"guidance_scale": 1.0}, "none"),     # its own source branch + target
+    ("flux-dev", "sdedit", {}, "tokenflow"),          # guidance-distilled: source, cond
+    ("flux-dev", "kv_injection", {}, "none"),         # source, target
+    ("flux-dev", "flowedit", {"n_max": 2}, "tokenflow"),  # source and target velocities; no extra source branch
+    ("sd35-medium", "flowedit", {"n_max": 2, "n_avg": 2}, "none"),  # 2 draws x (source, target) x CFG
+]
+
+
+@pytest.mark.parametrize("variant, editor_name, settings, propagator_name", BRANCH_CASES)
+def test_the_estimate_counts_the_branches_an_edit_runs(variant, editor_name, settings, propagator_name, cache_dir):
+    """The preflight's branches per frame (what the keyframe tokens and the model's batch scale with) equal the
+    model evaluations per frame and editing step a real edit counts, on SD, SD 3.5 and FLUX.1 (guidance-
+    distilled: no unconditional branch) and for FlowEdit, which runs its own source velocity."""
+    from tokenflow import NoPropagation
+    from tokenflow.cli.preflight import branches_per_frame
+    from tokenflow.editors import FlowEditEditor, KVInjectionEditor, PromptToPromptEditor, SDEditEditor
+
+    transformer = variant != "sd21-base"
+    model = load_model("tiny", device="cpu", dtype="float32", cache_dir=str(cache_dir), tiny_variant=variant,
+                       max_sequence_length=16 if transformer else None)
+    editors = {"pnp": PnPEditor, "sdedit": SDEditEditor, "p2p": PromptToPromptEditor, "kv_injection": KVInjectionEditor,
+               "flowedit": FlowEditEditor}
+    editor = editors[editor_name](**settings)
+    propagator = TokenFlowPropagator(stride=2) if propagator_name == "tokenflow" else NoPropagation()
+    g = torch.Generator().manual_seed(0)
+    video = Video.from_tensor(torch.rand(4, 3, 64, 64, generator=g) * 2 - 1, fps=10.0, source="random")
+    pipe = TokenFlowPipeline(model, editor, propagator, RandomKeyframes(2, seed=0), n_steps=2, chunk_size=4)
+    prompt = "a fox" if editor_name == "p2p" else "a robotic wolf"  # P2P swaps words: equal token counts
+    result = pipe(video, prompt, inversion_prompt="a wolf", progress=False)
+    measured = result.unet_evaluations / (len(video.frames) * len(result.timesteps))
+    assert measured == branches_per_frame(model, editor, propagator)

@@ -112,7 +112,6 @@ def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, invert
     if editor is None:  # invert + reconstruct: one branch, no keyframes
         return RunShape(n_frames, plan.height, plan.width, kept, 1, 0, batch, batch, model.vae_batch,
                         model.device.type == "cuda")
-    source = bool(editor.needs_source or propagator.needs_source)
     joint = held = anchors = 0
     if propagator.uses_keyframes:
         joint = held = max((len(k) for k in keyframes.sequence(cfg.n_steps, n_frames)), default=0)
@@ -121,9 +120,15 @@ def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, invert
             held = min(joint, attention.segment + anchors + 1)
             joint = anchors
     keep_frames = bool(cfg.get("metrics") and any(k != "_target_" for k in cfg.metrics))  # scored: frames gathered
-    return RunShape(n_frames, plan.height, plan.width, kept, 2 + int(source), joint, cfg.chunk_size, batch,
+    return RunShape(n_frames, plan.height, plan.width, kept, branches_per_frame(model, editor, propagator), joint, cfg.chunk_size, batch,
                     model.vae_batch, model.device.type == "cuda", held_keyframes=held, anchors=anchors,
                     keep_frames=keep_frames)
+
+
+def branches_per_frame(model: Any, editor: Any, propagator: Any) -> int:
+    """Model evaluations per frame at an editing step: the editor's branches, with the source branch when the
+    editor or the propagator reads it."""
+    return int(editor.branch_count(model, bool(editor.needs_source or propagator.needs_source)))
 
 
 def check_run_memory(model: Any, shape: RunShape, what: str = "") -> tuple[MemoryEstimate, dict[str, float]]:

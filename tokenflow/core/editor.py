@@ -173,6 +173,13 @@ class KeyframeEditor(ABC):
         """The source branch the pipeline adds, adapted to this editor (e.g. image latents); default as is."""
         return branch
 
+    def branch_count(self, model, source: bool) -> int:
+        """Model evaluations per frame at an editing step: the edit branches, plus the pipeline's source branch
+        when ``source`` (the editor or the propagator reads it) unless the editor runs its own. The memory
+        estimate reads it before anything is prepared. Default: uncond + cond on a classifier-free model, one
+        branch on a guidance-distilled one (FLUX.1)."""
+        return (2 if getattr(model, "classifier_free", True) else 1) + int(source)
+
     def timesteps(self, grid: list[int]) -> list[int]:
         """The timesteps this editor denoises through (SDEdit starts part-way)."""
         return grid

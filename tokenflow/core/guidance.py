@@ -105,6 +105,10 @@ class GuidedEditor(KeyframeEditor):
     def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
         return cfg(eps, self.guidance_scale)
 
+    def branch_count(self, model, source: bool) -> int:
+        guided = getattr(model, "classifier_free", True) and self.guidance_scale != 1.0
+        return (2 if guided else 1) + int(source)
+
 
 def cfg(eps: dict[str, Tensor], guidance_scale: float, uncond: str = "uncond", cond: str = "cond") -> Tensor:
     """ε_u + w·(ε_c − ε_u), or ε_c when there is no unconditional branch."""
