@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -62,35 +63,46 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
     The trajectory is written to disk as it is computed and read back one timestep at a time: into an
     anonymous temporary file in ``temp_dir`` (default ``$TMPDIR``; gone when the result is dropped or the
     process dies) and, with a cache, also into the cache entry (published when complete; a later hit
-    reads from the entry). Frames are encoded ``model.vae_batch`` at a time from uint8.
+    reads from the entry). Frames are encoded ``model.vae_batch`` at a time from uint8. On a miss the
+    entry's lock (:meth:`InversionCache.lock`) is held while computing: a process that misses the same
+    entry meanwhile waits, then hits what this one published.
     """
     key = cache_key(video=video_fingerprint(video), model=model.fingerprint, inverter=inverter.settings(), prompt=prompt)
-    if cache is not None:
+
+    def cached(cache: InversionCache) -> InversionResult | None:
         hit = cache.load(key)
         problem = None if hit is None else entry_mismatch(hit, model, video, inverter, prompt)
         if hit is not None and problem is None:
-            log.info("inversion cache hit %s", key)
-            return hit, True
+            return hit
         if hit is not None:  # verified bytes, but not what this inversion computes (forged or foreign): recompute
             log.warning("inversion cache entry %s does not match this inversion (%s): recomputing it", key, problem)
             hit.trajectory.close()
             cache.remove(key)
-    clean = encode_video(model, video)
-    shape = (len(set(kept_timesteps(inverter, model, tuple(clean.shape[-2:])))), *clean.shape)
-    writer = cache.writer(key, shape) if cache is not None else None
-    trajectory = FileTrajectory.temporary(shape, folder=temp_dir)
-    store = trajectory if writer is None else TeeTrajectory(trajectory, writer.trajectory)
-    try:
-        result = inverter.invert_into(model, clean, prompt, store, progress=progress)
-        result.trajectory = trajectory
-    except BaseException:
+        return None
+
+    if cache is not None and (hit := cached(cache)) is not None:
+        log.info("inversion cache hit %s", key)
+        return hit, True
+    with cache.lock(key) if cache is not None else nullcontext():
+        if cache is not None and (hit := cached(cache)) is not None:  # published while this process waited
+            log.info("inversion cache hit %s (computed by another process meanwhile)", key)
+            return hit, True
+        clean = encode_video(model, video)
+        shape = (len(set(kept_timesteps(inverter, model, tuple(clean.shape[-2:])))), *clean.shape)
+        writer = cache.writer(key, shape) if cache is not None else None
+        trajectory = FileTrajectory.temporary(shape, folder=temp_dir)
+        store = trajectory if writer is None else TeeTrajectory(trajectory, writer.trajectory)
+        try:
+            result = inverter.invert_into(model, clean, prompt, store, progress=progress)
+            result.trajectory = trajectory
+        except BaseException:
+            if writer is not None:
+                writer.discard()
+            trajectory.close()
+            raise
         if writer is not None:
-            writer.discard()
-        trajectory.close()
-        raise
-    if writer is not None:
-        writer.publish(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
-                       size=[video.height, video.width])
+            writer.publish(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
+                           size=[video.height, video.width])
     return result, False
 
 

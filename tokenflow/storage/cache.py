@@ -14,15 +14,21 @@ computed (the data section starts at a fixed offset, the header is written last)
 the rest, checks, flushes and renames it. A load verifies the whole file by streaming it through the
 checksum, then keeps it open and hands the trajectory out as a :class:`FileTrajectory` read one slab
 per step (the file's content cannot change under it: entries are only ever replaced by a rename).
+
+Processes that share the folder and miss the same key at once compute it once: :meth:`InversionCache.lock`
+holds an advisory ``flock`` on ``locks/<key>.lock`` while one computes, the others wait, then hit.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
 import struct
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -33,7 +39,14 @@ from safetensors.torch import save_file
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings, Trajectory
 from tokenflow.storage.atomic import atomic_file, open_regular, remove_stale, temp_path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, concurrent runs may compute the same entry (each publish is still atomic)
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger(__name__)
+LOCK_PATIENCE = 1.0  # seconds a lock may be busy before the wait is logged
+LOCK_POLL = 0.05  # seconds between tries while a lock is busy
 CACHE_FORMAT = 3  # 3: checksum over tensors and manifest, tensor layouts kept
 HEADER_ROOM = 64 << 10  # bytes reserved for the header of an entry written while inverting (data starts after)
 READ_CHUNK = 16 << 20  # bytes per read when verifying an entry (bounded memory whatever its size)
@@ -161,6 +174,89 @@ class InversionCache:
     def remove_stale(self) -> list[Path]:
         """Delete temporary files left by killed processes (see :func:`tokenflow.storage.atomic.remove_stale`)."""
         return remove_stale(self.directory)
+
+    def lock_path(self, key: str) -> Path:
+        return self.directory / "locks" / f"{key}.lock"
+
+    @contextlib.contextmanager
+    def lock(self, key: str, timeout: float | None = None) -> Iterator[None]:
+        """Hold an exclusive advisory lock on ``key`` (``fcntl.flock`` on ``locks/<key>.lock``) for the block.
+
+        Waits while another process holds it (logged once at INFO after ``LOCK_PATIENCE`` s); ``timeout``: raise
+        TimeoutError after that many seconds instead of waiting on (None: wait as long as it takes). The kernel
+        releases the lock when its holder exits or is killed, so a crashed run never blocks the next. Lock files
+        stay in place (empty, or the holder's pid as text for humans; never read): deleting one that another
+        process has open would let two processes hold "the" lock at once. Without ``fcntl`` (Windows), or when
+        the lock file cannot be opened (read-only folder), the block runs unlocked. Not re-entrant: a nested
+        ``lock(key)`` in the same process waits for itself."""
+        path = self.lock_path(key)
+        if fcntl is None:
+            log.debug("no fcntl on this platform: not locking %s", path)
+            yield
+            return
+        fd = _open_lock(path)
+        if fd is None:
+            yield
+            return
+        try:
+            _acquire(fd, key, path, timeout)
+            with contextlib.suppress(OSError):  # who holds it, for a human looking at the folder
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _open_lock(path: Path) -> int | None:
+    """An open descriptor of the regular lock file ``path`` (created as needed), or None, logged, when it cannot be
+    opened (the caller then runs unlocked: the cache is an optimisation)."""
+    flags = getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | flags, 0o644)
+        except PermissionError:  # another user's lock file: flock works on a read-only descriptor too
+            fd = os.open(path, os.O_RDONLY | flags)
+    except OSError as e:
+        log.info("cannot open the inversion cache lock %s (%s): not locking — concurrent runs on this video may "
+                 "each invert it", path, e.strerror or e)
+        return None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        log.warning("%s is not a regular file: not locking — delete it so concurrent runs invert this video once", path)
+        return None
+    return fd
+
+
+def _acquire(fd: int, key: str, path: Path, timeout: float | None) -> None:
+    """``flock(fd, LOCK_EX)``, logging once when the wait lasts more than ``LOCK_PATIENCE`` s; TimeoutError after
+    ``timeout`` s."""
+    assert fcntl is not None
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        waited = time.monotonic() - start
+        if timeout is not None and waited >= timeout:
+            raise TimeoutError(f"another process still holds the inversion cache lock {path} after {timeout:g} s "
+                               f"(key {key}); wait for it to finish or stop it")
+        if not told and waited >= LOCK_PATIENCE:
+            log.info("waiting for another process inverting the same video (inversion cache key %s, lock %s)",
+                     key, path)
+            told = True
+        if told and timeout is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # nothing more to report: sleep in the kernel until it is released
+            return
+        time.sleep(LOCK_POLL if timeout is None else min(LOCK_POLL, max(0.0, timeout - waited)))
 
 
 class EntryWriter:
