@@ -4,9 +4,10 @@ One :class:`TokenFlowSelfAttention` per self-attention layer (``attn1`` of every
 What it does depends on the phase of the UNet call, read from the shared :class:`TokenFlowRuntime`:
 
 * ``keyframes``: branches marked ``joint`` run *extended* attention (each keyframe's queries attend
-  to the keys/values of all keyframes in the call, via ``scaled_dot_product_attention``); the source
-  branch runs per-frame attention. What propagation reads is kept: the source branch's input tokens
-  and the propagated branches' outputs, by keyframe.
+  to the keys/values of all keyframes in the call, via ``scaled_dot_product_attention``; above
+  ``max_kv_frames`` keyframes to AdaFlow's slimmed selection of them, :mod:`tokenflow.core.slimming`);
+  the source branch runs per-frame attention. What propagation reads is kept: the source branch's input
+  tokens and the propagated branches' outputs, by keyframe.
 * ``anchors``: as ``keyframes`` (joint over the call's keyframes, the *anchors*), and the joint
   branches' keys and values are kept as the step's shared attention context.
 * ``anchored``: each keyframe of the call attends to its own keys/values and the anchors' — a bounded
@@ -32,12 +33,14 @@ from torch import Tensor
 
 from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator
+from tokenflow.core.slimming import gather_tokens, slim_budget, slim_selection
 from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout, UNetLayout, check_attention_supported, token_grid
 from tokenflow.options import choice
 
 
 class KeyframeContext(str, Enum):
+    auto = "auto"         # all keyframes up to max_kv_frames (the paper), AdaFlow's slimmed selection above
     all = "all"           # every keyframe attends to all keyframes of the step (the paper; one UNet call)
     anchors = "anchors"   # every keyframe attends to itself and a few anchor keyframes (bounded memory)
 
@@ -46,26 +49,37 @@ class KeyframeContext(str, Enum):
 class KeyframeAttention:
     """What each keyframe attends to in the keyframe pass.
 
-    ``all`` (the method, the default): one UNet call over all K keyframes, each attending to every
-    keyframe; memory grows with K. ``anchors``: ``anchors`` keyframes spread evenly over the step's
+    ``auto`` (the default): one UNet call over all K keyframes; while K is at most ``max_kv_frames`` each
+    attends to every keyframe (the method, unchanged), above it to its own tokens and the most similar of
+    the others', ``max_kv_frames`` keyframes' worth in all (AdaFlow's adaptive attention slimming,
+    :mod:`tokenflow.core.slimming`): attention cost linear in K. ``all``: every keyframe, whatever K
+    (the paper; scores grow as K²). ``anchors``: ``anchors`` keyframes spread evenly over the step's
     keyframes are edited jointly first; every other keyframe attends to its own tokens and the anchors'
     (a fixed global subset), in calls of ``chunk_size`` frames, and the video is processed in segments of
     ``segment`` keyframes so only those keyframes' tokens are held: memory flat in video length.
     """
 
-    context: KeyframeContext = KeyframeContext.all
+    context: KeyframeContext = KeyframeContext.auto
     anchors: int = 4
     segment: int = 4
+    max_kv_frames: int = 20  # auto: keyframes read in full (AdaFlow's max_kv_size); above, its slimmed context
 
     def __post_init__(self) -> None:
         self.context = choice(KeyframeContext, self.context, "attention.context")
         if self.anchors < 1 or self.segment < 1:
             raise ConfigError(f"attention.anchors={self.anchors} and attention.segment={self.segment} must be >= 1 — "
                               "e.g. anchors=4 segment=4")
+        if int(self.max_kv_frames) < 1:
+            raise ConfigError(f"attention.max_kv_frames={self.max_kv_frames} must be >= 1 — AdaFlow's default is 20")
 
     @property
     def bounded(self) -> bool:
         return self.context == KeyframeContext.anchors
+
+    @property
+    def slim_above(self) -> int | None:
+        """Keyframe count above which the keyframe pass is slimmed (``auto``), else None (never)."""
+        return int(self.max_kv_frames) if self.context == KeyframeContext.auto else None
 
 
 @dataclass
@@ -102,6 +116,7 @@ class TokenFlowRuntime:
     propagator: Propagator
     latent_hw: tuple[int, int] = (64, 64)  # (h, w) of the latents: gives each layer's token grid
     attention_chunk: int = 4096  # query tokens per SDPA call in extended attention (memory bound)
+    max_kv_frames: int | None = None  # keyframe passes over more keyframes are slimmed (AdaFlow); None: never
     on_match: CorrespondenceCallback | None = None
     step: Step | None = None
     keyframe_tokens: dict[str, KeyframeTokens] = field(default_factory=dict)
@@ -202,8 +217,12 @@ class TokenFlowSelfAttention:
         else:
             q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
             joint = [b.joint and step.phase in ("keyframes", "anchors") for b in step.branches]
+            selection = self._slimming(x, step, src) if step.phase == "keyframes" and any(joint) else None
             if step.phase == "anchored":
                 out = self._anchored(attn, q, k, v, step)
+            elif selection is not None:
+                out = torch.stack([self._slimmed(attn, q[i], k[i], v[i], selection) if joint[i] else
+                                   self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], False)[0] for i in range(n_branches)])
             else:
                 out = torch.stack([self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], joint[i])[0]
                                    for i in range(n_branches)])
@@ -245,6 +264,26 @@ class TokenFlowSelfAttention:
             qq, kk, vv = (_heads(rearrange(t, "b f s c -> (b f) s c"), h) for t in (q, k, v))
             out = rearrange(F.scaled_dot_product_attention(qq, kk, vv), "(b f) h s d -> b f s (h d)", b=b)
         return self._project(attn, out)
+
+    def _slimming(self, x: Tensor, step: Step, src: int | None) -> Tensor | None:
+        """AdaFlow's selection (K, budget) for this keyframe call, or None for full extended attention; scored on
+        the source branch's input tokens (the first joint branch's without one)."""
+        budget = slim_budget(x.shape[1], x.shape[2], self.runtime.max_kv_frames)
+        if budget is None:
+            return None
+        features = x[src] if src is not None else x[next(i for i, b in enumerate(step.branches) if b.joint)]
+        return slim_selection(features, budget)
+
+    def _slimmed(self, attn, q: Tensor, k: Tensor, v: Tensor, selection: Tensor) -> Tensor:
+        """One branch's keyframes, q, k, v (F, S, C): frame f's queries attend to the pooled tokens
+        ``selection[f]`` → (F, S, C_out)."""
+        h, outs = attn.heads, []
+        for f in range(q.shape[0]):
+            kk, vv = (_heads(gather_tokens(t, selection[f]).unsqueeze(0), h) for t in (k, v))
+            qq = _heads(q[f:f + 1], h)
+            parts = [F.scaled_dot_product_attention(qc, kk, vv) for qc in qq.split(self.runtime.attention_chunk, dim=2)]
+            outs.append(rearrange(torch.cat(parts, dim=2), "1 h s d -> s (h d)"))
+        return self._project(attn, torch.stack(outs))
 
     @staticmethod
     def _project(attn, out: Tensor) -> Tensor:

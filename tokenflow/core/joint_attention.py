@@ -73,6 +73,7 @@ from torch import Tensor
 from tokenflow.core.attention import KeyframeTokens, TokenFlowRuntime, propagated_branches
 from tokenflow.core.editor import SOURCE, Step
 from tokenflow.core.propagation import PropagationQuery
+from tokenflow.core.slimming import gather_tokens, slim_budget, slim_selection
 from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout, patch_grid
 
@@ -166,17 +167,27 @@ def _dispatch(q: Tensor, k: Tensor, v: Tensor, chunk: int, backend) -> Tensor:
 
 
 def image_attention(qkv: JointQKV, joint: bool, chunk: int, backend=None,
-                    extra: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                    extra: tuple[Tensor, Tensor] | None = None, selection: Tensor | None = None) -> Tensor:
     """Attention output of the image queries, (N, S, H·D), before ``to_out``.
 
     Row f's image queries attend to: the image keys/values of row f (``joint=False``) or of all N rows
-    (``joint=True``: the N rows are the frames of one branch), then ``extra`` (image keys/values (A, S', H, D)
+    (``joint=True``: the N rows are the frames of one branch; with ``selection`` (N, budget), only the pooled
+    N·S image tokens ``selection[f]``, AdaFlow's slimming), then ``extra`` (image keys/values (A, S', H, D)
     shared by every row, e.g. anchors; only with ``joint=False``), then row f's own text keys/values.
     """
     n, s, h, d = qkv.q.shape
     if joint and extra is not None:
         raise ValueError("extra keys/values are for per-frame (anchored) attention only")
-    if joint:
+    if joint and selection is not None:
+        outs = []
+        for f in range(n):
+            ks, vs = [gather_tokens(qkv.k, selection[f]).unsqueeze(0)], [gather_tokens(qkv.v, selection[f]).unsqueeze(0)]
+            if qkv.tk is not None:
+                ks.append(qkv.tk[f : f + 1])
+                vs.append(qkv.tv[f : f + 1])
+            outs.append(_dispatch(qkv.q[f : f + 1], torch.cat(ks, dim=1), torch.cat(vs, dim=1), chunk, backend))
+        out = torch.cat(outs)
+    elif joint:
         shared_k, shared_v = qkv.k.reshape(1, n * s, h, d), qkv.v.reshape(1, n * s, h, d)
         if qkv.tk is None:  # every row reads the same keys: one batch of N·S queries
             out = _dispatch(qkv.q.reshape(1, n * s, h, d), shared_k, shared_v, chunk, backend).reshape(n, s, h, d)
@@ -279,6 +290,7 @@ class TokenFlowJointAttention:
             if step.phase == "anchored" and anchors is None:
                 raise RuntimeError(f"{self.name}: the anchored phase needs the anchors pass first")
             parts, j = [], 0
+            selection = self._slimming(img, step, src, n_branches) if step.phase == "keyframes" else None
             for i, branch in enumerate(step.branches):
                 sub = qkv.rows(rows(i))
                 if not branch.joint:
@@ -287,7 +299,7 @@ class TokenFlowJointAttention:
                     parts.append(image_attention(sub, False, chunk, backend, extra=(anchors[0][j], anchors[1][j])))
                     j += 1
                 else:
-                    parts.append(image_attention(sub, True, chunk, backend))
+                    parts.append(image_attention(sub, True, chunk, backend, selection=selection))
             img_out = _image_out(attn, torch.cat(parts))
             if step.phase == "anchors":
                 shared = [i for i, b in enumerate(step.branches) if b.joint]
@@ -299,6 +311,17 @@ class TokenFlowJointAttention:
         else:  # frames, or propagate in a layer left out of propagation (ablation): per frame
             img_out = _image_out(attn, image_attention(qkv, False, chunk, backend))
         return self._result(img_out, _text_out(attn, text_attention(qkv, chunk, backend)))
+
+    def _slimming(self, img: Tensor, step: Step, src: int | None, n_branches: int) -> Tensor | None:
+        """AdaFlow's selection (K, budget) over this keyframe call's image tokens, or None for full extended
+        attention; scored on the source branch's input image tokens (the first joint branch's without one)."""
+        n_frames = img.shape[0] // n_branches
+        budget = slim_budget(n_frames, img.shape[1], self.runtime.max_kv_frames)
+        joint = [i for i, b in enumerate(step.branches) if b.joint]
+        if budget is None or not joint:
+            return None
+        i = src if src is not None else joint[0]
+        return slim_selection(img[i * n_frames:(i + 1) * n_frames], budget)
 
     @property
     def _backend(self):

@@ -340,7 +340,8 @@ class TokenFlowPipeline:
         source = self.source_branch(inputs.inversion_prompt)  # after prepare: what the propagator needs is known
         self.unet_evaluations = 0
         t0 = time.perf_counter()
-        runtime = TokenFlowRuntime(self.editor, self.propagator, latent_hw=latent_hw, on_match=on_match)
+        runtime = TokenFlowRuntime(self.editor, self.propagator, latent_hw=latent_hw, on_match=on_match,
+                                   max_kv_frames=self.attention.slim_above)
         runtime.install(self.model.denoiser, self.layout)
         try:
             with torch.no_grad():
