@@ -114,7 +114,7 @@ def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, invert
                         model.device.type == "cuda")
     joint = held = anchors = 0
     if propagator.uses_keyframes:
-        joint = held = max((len(k) for k in keyframes.sequence(cfg.n_steps, n_frames)), default=0)
+        joint = held = keyframes.bound(cfg.n_steps, n_frames)
         if attention is not None and attention.bounded:  # anchors jointly; then segments of keyframes
             anchors = min(attention.anchors, joint)
             held = min(joint, attention.segment + anchors + 1)

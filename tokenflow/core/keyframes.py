@@ -5,6 +5,7 @@ dedicated ``torch.Generator``, so a run is reproducible and the draw can be logg
 """
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from enum import Enum
 
@@ -20,9 +21,16 @@ class Formula(str, Enum):
 
 
 class KeyframeSchedule(ABC):
+    #: the schedule reads the source video's features: the pipeline passes ``features=`` (N, h, w, C) to sequence
+    needs_features: bool = False
+
     @abstractmethod
     def sequence(self, n_steps: int, n_frames: int) -> list[list[int]]:
         """Sorted keyframe indices for each of ``n_steps`` steps of an ``n_frames`` video."""
+
+    def bound(self, n_steps: int, n_frames: int) -> int:
+        """The most keyframes a step will have (the memory preflight's count)."""
+        return max((len(k) for k in self.sequence(n_steps, n_frames)), default=0)
 
 
 class RandomKeyframes(KeyframeSchedule):
@@ -68,3 +76,54 @@ class FixedKeyframes(KeyframeSchedule):
         if bad:
             raise ConfigError(f"keyframe indices {bad} are outside the video's {n_frames} frames — use 0..{n_frames - 1}")
         return [list(self.indices) for _ in range(n_steps)]
+
+
+class AdaptiveKeyframes(KeyframeSchedule):
+    """AdaFlow's adaptive keyframes: the video cut into clips where its content changes
+    (:func:`tokenflow.core.clips.adaptive_clips`, on the source video's tokens at ``layer``), one keyframe drawn
+    uniformly per clip at every step (AdaFlow: Python's ``random.randint`` after seeding; here a
+    ``random.Random(seed)`` of its own, drawn clip by clip, step by step, in the same order).
+
+    The pipeline reads the features (:func:`tokenflow.core.clips.frame_features`) and passes them to
+    :meth:`sequence`; :meth:`clips` gives the cut alone (e.g. to look at it in a notebook).
+    """
+
+    needs_features = True
+
+    def __init__(self, mean_threshold: float = 0.75, region_threshold: float = 0.6, max_clip: int = 400,
+                 seed: int = 0, layer: str | None = None, formula: str = "default") -> None:
+        from tokenflow.core.clips import ClipFormula
+
+        for name, value in (("mean_threshold", mean_threshold), ("region_threshold", region_threshold)):
+            if not -1.0 <= float(value) <= 1.0:
+                raise ConfigError(f"keyframes.{name}={value} must be a cosine similarity in [-1, 1] — AdaFlow uses "
+                                  "0.75 (mean) and 0.6 (region)")
+        if int(max_clip) < 1:
+            raise ConfigError(f"keyframes.max_clip={max_clip} must be >= 1 — AdaFlow's is 400 frames")
+        self.mean_threshold, self.region_threshold = float(mean_threshold), float(region_threshold)
+        self.max_clip, self.seed, self.layer = int(max_clip), int(seed), layer
+        self.formula = choice(ClipFormula, formula, "keyframes.formula")
+
+    def clips(self, features: torch.Tensor) -> list[int]:
+        """First frame of each clip of a video with ``features`` (N, h, w, C)."""
+        from tokenflow.core.clips import adaptive_clips
+
+        return adaptive_clips(features, self.mean_threshold, self.region_threshold, self.max_clip, self.formula)
+
+    def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None) -> list[list[int]]:
+        import random
+
+        if features is None:
+            raise ConfigError("adaptive keyframes cut the video from its features — pass features= (the pipeline "
+                              "does; tokenflow.core.clips.frame_features computes them)")
+        if features.shape[0] != n_frames:
+            raise ValueError(f"features for {features.shape[0]} frames, the video has {n_frames}")
+        starts = self.clips(features)
+        ends = starts[1:] + [n_frames]
+        rng = random.Random(self.seed)
+        return [[rng.randint(a, b - 1) for a, b in zip(starts, ends)] for _ in range(n_steps)]
+
+    def bound(self, n_steps: int, n_frames: int) -> int:
+        """Keyframes per step before the features are known, for the memory preflight: one per ``max_clip``
+        frames at least; assumed one per 8 frames (the random schedule's density) — the cut is data-dependent."""
+        return max(1, math.ceil(n_frames / min(8, self.max_clip)))

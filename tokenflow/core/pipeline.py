@@ -22,10 +22,11 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime
+from tokenflow.core.clips import default_feature_layer, frame_features
 from tokenflow.core.correspondence_cache import record_key
 from tokenflow.core.distributed import Ranks
 from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step, check_pairing
-from tokenflow.core.inversion import DDIMInverter, Inverter, image_seq_len, kept_timesteps
+from tokenflow.core.inversion import DDIMInverter, Inverter, image_conditioning, image_seq_len, kept_timesteps
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
 from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationInputs, Propagator, TokenFlowPropagator
@@ -331,7 +332,7 @@ class TokenFlowPipeline:
             raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
         x = self.editor.initial_latents(inputs, timesteps).to(self.model.device, torch.float32)  # on the device: no
         # host round trip per UNet call
-        schedule = self.keyframes.sequence(len(timesteps), inversion.n_frames)
+        schedule = self._keyframe_schedule(inversion, inputs.inversion_prompt, path)
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
         self.propagator.prepare(PropagationInputs(
             self.model, inversion, timesteps, schedule, latent_hw, None if video is None else video.frames,
@@ -357,6 +358,20 @@ class TokenFlowPipeline:
         frames = decode_frames(self.model, x, [output] if hasattr(output, "write") else list(output), keep_frames)
         timings = {"editing_s": t_edit, "decoding_s": time.perf_counter() - t0}
         return EditResult(frames, x.cpu(), schedule, timesteps, timings, self.unet_evaluations)
+
+    def _keyframe_schedule(self, inversion: InversionResult, inversion_prompt: str, path: Grid) -> list[list[int]]:
+        """Keyframes per editing step; a schedule that reads the video (adaptive clips) gets the source tokens of
+        every frame at its layer, from one pass over the clean latents at the path's least noisy level."""
+        n_steps = len(path.timesteps)
+        if not getattr(self.keyframes, "needs_features", False) or not self.propagator.uses_keyframes:
+            return self.keyframes.sequence(n_steps, inversion.n_frames)
+        layer = getattr(self.keyframes, "layer", None) or default_feature_layer(self.layout)
+        features = frame_features(self.model, inversion.clean, path.timesteps[-1], self.model.encode_text(inversion_prompt),
+                                  layer, self.chunk_size, image_conditioning(self.model, inversion.clean))
+        schedule = self.keyframes.sequence(n_steps, inversion.n_frames, features=features)
+        log.info("adaptive keyframes: %d clips from %s (first frames %s)", len(schedule[0]) if schedule else 0, layer,
+                 self.keyframes.clips(features)[:12])
+        return schedule
 
     def _source_identity(self, inversion: InversionResult, inversion_prompt: str) -> str:
         """What the source branch's tokens depend on: the model, the inversion, the source prompt and the editor

@@ -1,0 +1,131 @@
+"""AdaFlow's adaptive clips (Zhang et al., ICML 2025): cut a video where its content changes, from frame features.
+
+The video is cut greedily: a clip grows while each next frame still matches the clip's reference frame —
+for every token of the reference, its best cosine match among the candidate's tokens; the candidate starts
+a new clip when the mean of those best matches is below ``mean_threshold`` (0.75), or when any window of
+``max(h, w) // 16`` tokens a side, stepped by ``max(h, w) // 32``, averages below ``region_threshold``
+(0.6), or when the clip has reached ``max_clip`` frames (400). :class:`~tokenflow.core.keyframes.
+AdaptiveKeyframes` then draws one keyframe per clip and step.
+
+``formula="reference"`` reproduces AdaFlow's loop (``run.py``, ``prepare_dift_matching``) exactly, quirks
+included: after a cut at frame c the new clip starts at c but is compared against frame c + 1 (c itself
+is never a reference), and a cut leaving only the last frame ends the search (that frame joins the clip).
+The default compares each clip against its own first frame. Window sides are at least 1 (AdaFlow's
+``range`` step would be 0 below 32 tokens a side).
+
+The features (:func:`frame_features`) are the source video's own tokens at one self-attention layer of the
+denoiser, read from one pass over the clean latents at the grid's least noisy timestep (AdaFlow reads DIFT
+features of a separate SD 2.1 pass at t=0, an ensemble of 8 noises).
+"""
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from tokenflow.errors import ConfigError
+from tokenflow.models.layout import MMDiTLayout, patch_grid, token_grid
+
+
+class ClipFormula(str, Enum):
+    default = "default"       # each clip compared against its own first frame
+    reference = "reference"   # AdaFlow's loop as published (see the module docstring)
+
+
+def similar_enough(best: Tensor, mean_threshold: float, region_threshold: float) -> bool:
+    """Whether a candidate frame stays in the clip: ``best`` (h, w) holds each reference token's best cosine match
+    in the candidate; its mean and every window's mean must reach the thresholds (AdaFlow's ``check_similarity``)."""
+    if float(best.mean()) < mean_threshold:
+        return False
+    h, w = best.shape
+    side, stride = max(1, max(h, w) // 16), max(1, max(h, w) // 32)
+    windows = best.unfold(0, min(side, h), stride).unfold(1, min(side, w), stride)  # (i, j, side, side)
+    return bool(windows.mean(dim=(-1, -2)).min() >= region_threshold) if windows.numel() else True
+
+
+def _best_match(reference: Tensor, candidate: Tensor) -> Tensor:
+    """(h, w): for every token of ``reference`` (h, w, C), its best cosine similarity among ``candidate``'s tokens."""
+    h, w, c = reference.shape
+    a = torch.nn.functional.normalize(reference.reshape(-1, c).float(), dim=-1)
+    b = torch.nn.functional.normalize(candidate.reshape(-1, c).float(), dim=-1)
+    return (a @ b.T).amax(dim=1).reshape(h, w)
+
+
+def adaptive_clips(features: Tensor, mean_threshold: float = 0.75, region_threshold: float = 0.6,
+                   max_clip: int = 400, formula: ClipFormula | str = ClipFormula.default) -> list[int]:
+    """First frames of the clips of a video with per-frame ``features`` (N, h, w, C); always starts with 0."""
+    formula = ClipFormula(formula)
+    n = features.shape[0]
+    starts, ref = [0], 0
+    while ref < n:
+        for candidate in range(ref + 1, n):
+            long = candidate - ref >= (max_clip - 1 if formula is ClipFormula.reference else max_clip)
+            if long or not similar_enough(_best_match(features[ref], features[candidate]), mean_threshold,
+                                          region_threshold):
+                starts.append(candidate)
+                if formula is ClipFormula.reference:  # AdaFlow compares the next clip against its second frame
+                    ref = candidate + 1
+                    ref += int(ref == n - 1)
+                else:
+                    ref = candidate
+                break
+        else:
+            ref = n
+    return starts
+
+
+def default_feature_layer(layout: Any) -> str:
+    """The layer :func:`frame_features` reads by default: on a UNet the first decoder self-attention at the
+    latents' own resolution (AdaFlow's DIFT features are decoder features at that size); on an MMDiT the
+    middle double-stream / joint block's attention (its input is the image tokens alone)."""
+    if isinstance(layout, MMDiTLayout):
+        joint = [n for n in layout.self_attention if n.startswith("transformer_blocks.") and n.endswith(".attn")]
+        return joint[len(joint) // 2]
+    finest = [n for n in layout.self_attention if layout.stage.get(n) == "up" and layout.level.get(n) == 0]
+    return finest[0] if finest else layout.self_attention[-1]
+
+
+class _Captured(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
+def frame_features(model: Any, latents: Tensor, timestep: Any, text: Any, layer: str, batch: int = 8,
+                   image_latents: Tensor | None = None) -> Tensor:
+    """(N, h, w, C) float32 on CPU: the input tokens of self-attention ``layer`` (a name of the model's layout)
+    for each of ``latents`` (N, C, h, w) at ``timestep`` with ``text`` (one prompt), ``batch`` frames per call;
+    each call stops at that layer."""
+    layout = model.layout()
+    if layer not in layout.self_attention:
+        raise ConfigError(f"keyframes.layer={layer!r} is not a self-attention layer of this model — use one of "
+                          f"{', '.join(layout.self_attention[:4])}, ... (model.layout().self_attention)")
+    module = model.denoiser.get_submodule(layer)
+    seen: list[Tensor] = []
+
+    def capture(mod, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach().float().cpu())
+        raise _Captured
+
+    grid = patch_grid if isinstance(layout, MMDiTLayout) else token_grid
+    hw = (int(latents.shape[-2]), int(latents.shape[-1]))
+    out = []
+    handle = module.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            for frames in torch.arange(latents.shape[0]).split(max(1, int(batch))):
+                z = latents[frames].to(model.device, torch.float32)
+                rows = text.rows(torch.arange(len(frames))) if hasattr(text, "rows") else text
+                image = None if image_latents is None else image_latents[frames].to(z)
+                try:
+                    model.predict(z, timestep, rows, image_latents=image)
+                except _Captured:
+                    pass
+                if not seen:
+                    raise RuntimeError(f"layer {layer} was not called in the forward pass")
+                tokens = seen.pop()
+                h, w = grid(hw, tokens.shape[1])
+                out.append(tokens.reshape(len(frames), h, w, -1))
+    finally:
+        handle.remove()
+    return torch.cat(out)
