@@ -111,3 +111,43 @@ def test_reconstruction_needs_null_embeddings(tiny):
 def test_bad_settings(bad):
     with pytest.raises(ConfigError, match=next(iter(bad))):
         NullTextInverter(**bad)
+
+
+def test_the_table_lives_on_disk_and_nothing_reads_whole_tensors(tiny, tmp_path, monkeypatch):
+    """invert_video keeps the null-text table, like the trajectory, in a file written one fitted step at a time:
+    the same table as the in-RAM inversion, bit for bit; no T x N tensor of latents or embeddings is ever built
+    (whole-store reads raise here); a cache hit reads it from the entry one step at a time."""
+    from tokenflow.models.trajectory import FileTrajectory, TensorTrajectory
+
+    inverter, video = NullTextInverter(n_steps=3, inner_steps=2), _clip(3)
+    from tokenflow.core.pipeline import encode_video
+
+    in_ram = inverter.invert(tiny, encode_video(tiny, video), "x", progress=False)
+    assert isinstance(in_ram.null_text.store, TensorTrajectory)
+
+    def whole(self):
+        raise AssertionError("a whole trajectory or table was read")
+
+    writes = []
+    real_write = FileTrajectory.write
+
+    def spy(self, i, start, rows):
+        if self.shape[2] == 1:  # the table store (T, N, 1, L, D)
+            writes.append((i, start, tuple(rows.shape)))
+        return real_write(self, i, start, rows)
+
+    monkeypatch.setattr(FileTrajectory, "tensor", whole)
+    monkeypatch.setattr(TensorTrajectory, "tensor", whole)
+    monkeypatch.setattr(FileTrajectory, "write", spy)
+    cache = InversionCache(tmp_path)
+    computed, hit = invert_video(tiny, video, inverter, "x", cache, progress=False)
+    loaded, hit2 = invert_video(tiny, video, inverter, "x", cache, progress=False)
+    monkeypatch.undo()
+    assert (hit, hit2) == (False, True)
+    assert isinstance(computed.null_text.store, FileTrajectory) and isinstance(loaded.null_text.store, FileTrajectory)
+    width = tiny.text_encoder.config.hidden_size
+    assert sorted(writes) == [(i, 0, (3, 1, 77, width)) for i in range(3)]  # one batch: each step written once
+    for i in range(3):
+        assert torch.equal(computed.null_text.step(i), in_ram.null_text.step(i))
+        assert torch.equal(loaded.null_text.step(i), in_ram.null_text.step(i))
+        assert torch.equal(loaded.null_text.step(i, [2, 0]), in_ram.null_text.table[i, [2, 0]])

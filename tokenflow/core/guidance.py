@@ -56,7 +56,7 @@ class UnconditionalEmbedding:
             if t not in self.timesteps:
                 raise ConfigError(f"the null-text inversion has no embedding at t={t} — invert with the editing "
                                   f"grid (inverter.n_steps = n_steps)")
-            table = self.null_text.table[self.timesteps.index(t)].to(self.model.device, self.model.dtype)
+            table = self.null_text.step(self.timesteps.index(t)).to(self.model.device, self.model.dtype)  # one step read
             pooled = self.null_text.pooled
             if pooled is not None:
                 pooled = pooled.to(self.model.device, self.model.dtype)

@@ -22,11 +22,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from tokenflow.core.inversion import DDIMInverter, Inverter, image_conditioning, sample
+from tokenflow.core.inversion import DDIMInverter, Inverter, image_conditioning, kept_timesteps, sample
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
-from tokenflow.models.trajectory import InversionResult, NullTextEmbeddings
+from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings, TensorTrajectory, Trajectory
 
 
 @dataclass
@@ -77,51 +77,68 @@ class NullTextInverter(Inverter):
         return ddim_timesteps(scheduler, self.config.n_steps)
 
     def invert(self, model, clean: Tensor, prompt: str, progress: bool = True) -> InversionResult:
+        """In RAM: the trajectory and the null-text table as tensors (small clips, tests)."""
+        shape = (len(set(kept_timesteps(self, model, tuple(clean.shape[-2:])))), *clean.shape)
+        return self.invert_into(model, clean, prompt, TensorTrajectory.empty(shape), progress)
+
+    def invert_into(self, model, clean: Tensor, prompt: str, trajectory: Trajectory,
+                    progress: bool = True) -> InversionResult:
+        """DDIM inversion into ``trajectory``, then the null-text optimisation, ``batch_size`` frames at a time,
+        each step's embeddings written to a table store as they are fitted: in RAM beside a RAM trajectory, else
+        an anonymous temporary file (T x N x L x D floats never held: one batch's step at a time)."""
         if getattr(model, "family", "unet") != "unet":
             raise ConfigError(f"null-text inversion optimises DDIM's unconditional embeddings on an SD UNet, not "
                               f"'{model.identity}' — use inverter=ddim (Euler-ODE inversion on flow-matching models)")
         c = self.config
         ddim = DDIMInverter(n_steps=c.n_steps, keep_steps=c.n_steps, batch_size=c.batch_size)
-        inversion = ddim.invert(model, clean, prompt, progress=progress)
+        inversion = ddim.invert_into(model, clean, prompt, trajectory, progress=progress)
         cond, null = model.encode_text(prompt), model.encode_text("")
+        shape = (len(inversion.timesteps), inversion.n_frames, 1, *null.hidden.shape[1:])
+        table = TensorTrajectory.empty(shape) if isinstance(trajectory, TensorTrajectory) else FileTrajectory.temporary(shape)
         chunks = torch.arange(inversion.n_frames).split(c.batch_size)
         bar = tqdm(total=len(chunks) * c.n_steps * c.inner_steps, desc="null-text optimisation", unit="it",
                    disable=not progress)
-        tables = [self._optimise(model, inversion, frames, cond, null, bar) for frames in chunks]
-        bar.close()
-        inversion.null_text = NullTextEmbeddings(torch.cat(tables, dim=1), c.guidance_scale,
+        try:
+            for frames in chunks:
+                self._optimise(model, inversion, frames, cond, null, bar, table)
+        except BaseException:
+            table.close()
+            raise
+        finally:
+            bar.close()
+        inversion.null_text = NullTextEmbeddings(table, c.guidance_scale,
                                                  None if null.pooled is None else null.pooled.float().cpu())
         inversion.settings = self.settings()
         return inversion
 
     def _optimise(self, model, inversion: InversionResult, frames: Tensor, cond: TextEmbedding, null: TextEmbedding,
-                  bar) -> Tensor:
-        """Null embeddings (T, F, L, D) float32 on CPU for ``frames`` of the inversion."""
+                  bar, table: Trajectory) -> None:
+        """Fit the null embeddings of ``frames`` (consecutive) at every step, writing step i's (F, L, D) rows into
+        slab i of ``table`` (T, N, 1, L, D) as soon as they are fitted."""
         c, timesteps = self.config, inversion.timesteps
         cond = cond.rows(torch.arange(len(frames))).to(dtype=torch.float32)
         uncond = null.hidden.float().expand(len(frames), -1, -1).clone()
         pooled = None if null.pooled is None else null.pooled.float().expand(len(frames), -1)
-        z = inversion.latents[0, frames].to(model.device).float()
+        store = inversion.trajectory
+        z = store.read(0, frames).to(model.device).float()
         image = image_conditioning(model, inversion.clean[frames])
         image = None if image is None else image.to(model.device)
-        targets = list(inversion.latents[1:, frames]) + [inversion.clean[frames]]  # x*_{t_{i+1}}, last: z0
         saved = [p.requires_grad for p in model.denoiser.parameters()]
         model.denoiser.requires_grad_(False)
-        table = []
         try:
             for i, t in enumerate(timesteps):
                 t_next = previous_timestep(timesteps, i)
+                target = store.read(i + 1, frames) if i + 1 < len(timesteps) else inversion.clean[frames]  # x*_{t_{i+1}}, last: z0
                 with torch.no_grad():
                     e_c = model.predict_noise(z, t, cond, image_latents=image)
-                uncond = self._fit(model, z, t, t_next, e_c, uncond, pooled, targets[i].to(z), i, bar, image)
-                table.append(uncond.cpu())
+                uncond = self._fit(model, z, t, t_next, e_c, uncond, pooled, target.to(z), i, bar, image)
+                table.write(i, int(frames[0]), uncond.cpu().unsqueeze(1))
                 with torch.no_grad():
                     eps = _guided_eps(model, z, t, TextEmbedding(uncond, pooled), cond, c.guidance_scale, image)
                     z = model.ddim_step(z, eps, t, t_next)
         finally:
             for p, flag in zip(model.denoiser.parameters(), saved):
                 p.requires_grad_(flag)
-        return torch.stack(table)
 
     def _fit(self, model, z: Tensor, t: int, t_next: int, e_c: Tensor, uncond: Tensor, pooled: Tensor | None,
              target: Tensor, i: int, bar, image: Tensor | None = None) -> Tensor:
@@ -171,7 +188,7 @@ def sample_with_null_text(model, inversion: InversionResult, prompt_embedding: T
 
     def uncond(i: int, frames: Tensor) -> TextEmbedding:
         pooled = None if null.pooled is None else null.pooled.to(device).expand(len(frames), -1)
-        return TextEmbedding(null.table[i, frames].to(device), pooled)
+        return TextEmbedding(null.step(i, frames).to(device), pooled)
 
     scale = null.guidance_scale if guidance_scale is None else guidance_scale
     return sample(model, inversion.at(inversion.timesteps[0]), inversion.timesteps, prompt_embedding, uncond, scale, batch_size,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import tempfile
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any, BinaryIO, Sequence
 
 import torch
@@ -23,18 +22,45 @@ from tokenflow.errors import ConfigError, StorageError
 Frames = Tensor | Sequence[int] | None
 
 
-@dataclass
 class NullTextEmbeddings:
     """Null-text inversion's optimised unconditional embeddings (Mokady et al. 2023), one per frame and step.
 
-    table: (T, N, L, D) float32, ``table[i]`` for the inversion's ``timesteps[i]``. guidance_scale: the
-    classifier-free guidance weight they were optimised for (sampling at another weight drifts).
-    pooled: (1, P) the empty prompt's pooled embedding for SDXL (held fixed), else None.
+    ``table``: (T, N, L, D) float32 — a tensor, or a :class:`Trajectory` store of shape (T, N, 1, L, D) (a file
+    read one step at a time, so a long clip's T x N table never sits in RAM); step ``i`` belongs to the
+    inversion's ``timesteps[i]``. guidance_scale: the classifier-free guidance weight they were optimised for
+    (sampling at another weight drifts). pooled: (1, P) the empty prompt's pooled embedding for SDXL (held
+    fixed), else None.
     """
 
-    table: Tensor
-    guidance_scale: float
-    pooled: Tensor | None = None
+    def __init__(self, table: "Tensor | Trajectory", guidance_scale: float, pooled: Tensor | None = None) -> None:
+        if isinstance(table, Tensor):
+            if table.ndim != 4:
+                raise ConfigError(f"a null-text table is (T, N, L, D), got shape {tuple(table.shape)}")
+            table = TensorTrajectory(table.unsqueeze(2))
+        if len(table.shape) != 5 or table.shape[2] != 1:
+            raise ConfigError(f"a null-text store is (T, N, 1, L, D), got shape {tuple(table.shape)}")
+        self.store: Trajectory = table
+        self.guidance_scale, self.pooled = float(guidance_scale), pooled
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        t, n, _, length, d = self.store.shape
+        return (t, n, length, d)
+
+    def step(self, i: int, frames: "Frames" = None) -> Tensor:
+        """The embeddings of step ``i``, (N, L, D) — or of ``frames`` only, (F, L, D) — float32 on CPU."""
+        return self.store.read(i, frames).squeeze(1)
+
+    @property
+    def table(self) -> Tensor:
+        """The whole (T, N, L, D) table in RAM (every step is read: for small clips and tests)."""
+        return self.store.tensor().squeeze(2)
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __repr__(self) -> str:
+        return f"NullTextEmbeddings(shape={self.shape}, guidance_scale={self.guidance_scale}, store={type(self.store).__name__})"
 
 
 class Trajectory(ABC):

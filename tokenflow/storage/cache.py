@@ -47,6 +47,7 @@ except ImportError:  # Windows: no flock, concurrent runs may compute the same e
 log = logging.getLogger(__name__)
 LOCK_PATIENCE = 1.0  # seconds a lock may be busy before the wait is logged
 LOCK_POLL = 0.05  # seconds between tries while a lock is busy
+NULL_TABLE = "null_text.table"  # (T, N, L, D) float32, the last tensor of an entry's data section
 CACHE_FORMAT = 3  # 3: checksum over tensors and manifest, tensor layouts kept
 HEADER_ROOM = 64 << 10  # bytes reserved for the header of an entry written while inverting (data starts after)
 READ_CHUNK = 16 << 20  # bytes per read when verifying an entry (bounded memory whatever its size)
@@ -309,9 +310,18 @@ class EntryWriter:
                 entries[name] = {"dtype": CODES[t.dtype], "shape": list(t.shape), "data_offsets": [end, end + len(data)]}
                 _pwrite_all(fd, data, base + end)
                 end += len(data)
-            self.file.truncate(base + end)
             manifest = _manifest(key, result, strides, info)
             parts = {name: (t.dtype, tuple(t.shape), _tensor_bytes(t)) for name, t in small.items()}
+            if result.null_text is not None:  # last (its name sorts after the others'), copied one step at a time
+                table, begin = result.null_text, end
+                for i in range(table.shape[0]):
+                    data = b"".join(_tensor_bytes(table.step(i).float().contiguous()))
+                    _pwrite_all(fd, data, base + end)
+                    end += len(data)
+                entries[NULL_TABLE] = {"dtype": CODES[torch.float32], "shape": list(table.shape),
+                                       "data_offsets": [begin, end]}
+                parts[NULL_TABLE] = (torch.float32, table.shape, _file_bytes(fd, base + begin, base + end))
+            self.file.truncate(base + end)
             parts["latents"] = (traj.dtype, traj.shape, _file_bytes(fd, base, base + traj.nbytes))
             manifest["checksum"] = _checksum_parts(parts, manifest)
             header = json.dumps({**entries, "__metadata__": {"manifest": json.dumps(manifest)}}).encode()
@@ -391,7 +401,7 @@ def _open_entry(fh: BinaryIO, key: str) -> InversionResult:
         raise CacheEntryError("no latents or clean tensor")
     strides = manifest["strides"]
     tensors = {name: _restride(_read_tensor(fd, base, v), strides.get(name)) for name, v in layout.items()
-               if name != "latents"}
+               if name not in ("latents", NULL_TABLE)}
     shape, timesteps, clean = tuple(layout["latents"]["shape"]), manifest["timesteps"], tensors["clean"]
     if len(shape) != 5 or shape[0] != len(timesteps) or shape[1:] != tuple(clean.shape):
         raise CacheEntryError(f"latents {shape} do not match {len(timesteps)} timesteps and clean {tuple(clean.shape)}")
@@ -400,9 +410,13 @@ def _open_entry(fh: BinaryIO, key: str) -> InversionResult:
                                 DTYPES[layout["latents"]["dtype"]], channels_last=channels_last)
     extras = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
     null_text = None
-    if "null_text.table" in tensors:
-        null_text = NullTextEmbeddings(tensors["null_text.table"], float(manifest["null_text_guidance_scale"]),
-                                       tensors.get("null_text.pooled"))
+    if NULL_TABLE in layout:  # read from the file one step at a time, like the trajectory
+        info = layout[NULL_TABLE]
+        t_, n_, length, d = info["shape"]
+        if NULL_TABLE in strides or (t_, n_) != shape[:2]:
+            raise CacheEntryError(f"null-text table {info['shape']} does not match the latents {shape}")
+        store = FileTrajectory(fh, base + info["data_offsets"][0], (t_, n_, 1, length, d), DTYPES[info["dtype"]])
+        null_text = NullTextEmbeddings(store, float(manifest["null_text_guidance_scale"]), tensors.get("null_text.pooled"))
     return InversionResult([int(t) for t in timesteps], trajectory, clean, manifest["prompt"], manifest["settings"],
                            null_text, extras)
 
@@ -428,10 +442,10 @@ def _channels_last(shape: tuple[int, ...], stride: list[int] | None) -> bool:
 
 
 def _small_tensors(result: InversionResult) -> dict[str, torch.Tensor]:
-    """Everything an entry holds besides the trajectory: clean latents, extras, null-text tables."""
+    """Everything an entry holds besides the trajectory and the null-text table: clean latents, extras, the pooled
+    null embedding."""
     tensors = {"clean": result.clean, **{f"extra.{k}": v for k, v in result.extras.items()}}
-    if result.null_text is not None:
-        tensors["null_text.table"] = result.null_text.table
+    if result.null_text is not None:  # its table is streamed by the writer (never whole in RAM)
         if result.null_text.pooled is not None:
             tensors["null_text.pooled"] = result.null_text.pooled
     return tensors
