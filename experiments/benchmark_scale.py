@@ -10,6 +10,7 @@ Python API, as ``tokenflow-edit`` does; ``long_video`` writes edited.mp4 and fra
 Prints a table, writes ``scale.csv``, ``scale.json`` and ``scale.png`` into --out. A benchmark, not a test.
 
     python experiments/benchmark_scale.py --frames 8,24,48,120,480 --size 128 --steps 5
+    python experiments/benchmark_scale.py --frames 24,120,480,1000 --size 128 --steps 2 --configs default,nulltext
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ CONFIGS = {  # name -> Hydra overrides of conf/edit.yaml (metrics are not part o
     "default": ["metrics=none"],
     "long_video": ["experiment=long_video"],
     "reference": ["experiment=reference_pnp", "round_frames_down=false", "metrics=none"],
+    "nulltext": ["inverter=nulltext", "negative_prompt=", "metrics=none"],
 }
 
 
@@ -69,14 +71,15 @@ def worker(video: str, n: int, size: int, steps: int, inversion_steps: int | Non
                              n_steps=steps, chunk_size=cfg.chunk_size, cache=InversionCache(out / "cache"),
                              attention=parts["attention"])
     stream = "experiment=long_video" in overrides
+    negative = "" if "inverter=nulltext" in overrides else "ugly"  # null-text embeddings are the unconditional branch
     before = current_rss()
     start = time.perf_counter()
     if stream:
         with VideoWriter(out / "edited.mp4", clip.fps) as mp4, FrameWriter(out / "frames") as pngs:
-            result = pipe(clip, "a robot running", "ugly", "a woman running", progress=False, output=[mp4, pngs],
+            result = pipe(clip, "a robot running", negative, "a woman running", progress=False, output=[mp4, pngs],
                           keep_frames=False)
     else:
-        result = pipe(clip, "a robot running", "ugly", "a woman running", progress=False)
+        result = pipe(clip, "a robot running", negative, "a woman running", progress=False)
         write_video(out / "edited.mp4", result.frames, clip.fps)
         write_frames(out / "frames", result.frames)
     seconds = time.perf_counter() - start  # the pipeline call (long_video: with its streamed writes)

@@ -139,3 +139,18 @@ def test_pipeline_edits_with_adaptive_keyframes(tiny):
     assert all(len(k) >= 2 for k in result.keyframes)
     assert any(k < 5 for k in result.keyframes[0]) and any(k >= 5 for k in result.keyframes[0])
     assert torch.isfinite(result.latents).all()
+
+
+def test_auto_is_the_papers_draw_up_to_max_keyframes_then_adaptive():
+    from tokenflow import RandomKeyframes
+    from tokenflow.core.keyframes import AutoKeyframes
+
+    auto = AutoKeyframes(stride=8, seed=3, max_keyframes=20)
+    assert not auto.reads_features(160) and auto.sequence(4, 160) == RandomKeyframes(8, seed=3).sequence(4, 160)
+    assert auto.bound(4, 160) == 20
+    assert auto.reads_features(161)
+    features = scenes([100, 61])
+    assert auto.sequence(2, 161, features=features) == AdaptiveKeyframes(seed=3).sequence(2, 161, features=features)
+    assert [len(k) for k in auto.sequence(2, 161, features=features)] == [2, 2]  # two scenes, one keyframe each
+    with pytest.raises(ConfigError, match="features="):
+        auto.sequence(2, 161)

@@ -8,7 +8,7 @@ from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor
 from tokenflow.core.flow_propagation import FlowPropagator
 from tokenflow.core.guidance import GuidedEditor, UnconditionalEmbedding, cfg
 from tokenflow.core.inversion import DDIMInverter, Inverter, reconstruct, sample
-from tokenflow.core.keyframes import AdaptiveKeyframes, FixedKeyframes, KeyframeSchedule, RandomKeyframes
+from tokenflow.core.keyframes import AdaptiveKeyframes, AutoKeyframes, FixedKeyframes, KeyframeSchedule, RandomKeyframes
 from tokenflow.core.nulltext import NullTextInverter, sample_with_null_text
 from tokenflow.core.pipeline import EditResult, TokenFlowPipeline, invert_video
 from tokenflow.core.propagation import (NoPropagation, PropagationInputs, PropagationQuery, Propagator,
@@ -25,7 +25,7 @@ from tokenflow.storage.video import FrameWriter, Video, VideoWriter, read_video,
 __version__ = "0.1.0"
 __all__ = [
     "Backbone", "DDIMSampler", "FluxModel", "FlowMatchEulerSampler", "Grid", "MMDiTLayout", "NoiseLevel", "SD3Model", "Sampler",
-    "sampler_for", "AdaptiveKeyframes", "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
+    "sampler_for", "AdaptiveKeyframes", "AutoKeyframes", "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
     "FileTrajectory", "FixedKeyframes", "FlowPropagator", "FrameWriter", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
     "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
     "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Ranks", "Step", "TextEmbedding", "TokenFlowError",

@@ -21,8 +21,10 @@ class Formula(str, Enum):
 
 
 class KeyframeSchedule(ABC):
-    #: the schedule reads the source video's features: the pipeline passes ``features=`` (N, h, w, C) to sequence
-    needs_features: bool = False
+    def reads_features(self, n_frames: int) -> bool:
+        """Whether the schedule of an ``n_frames`` video reads the source video's features: the pipeline then
+        passes ``features=`` (N, h, w, C) to :meth:`sequence`. Default: no."""
+        return False
 
     @abstractmethod
     def sequence(self, n_steps: int, n_frames: int) -> list[list[int]]:
@@ -88,7 +90,8 @@ class AdaptiveKeyframes(KeyframeSchedule):
     :meth:`sequence`; :meth:`clips` gives the cut alone (e.g. to look at it in a notebook).
     """
 
-    needs_features = True
+    def reads_features(self, n_frames: int) -> bool:
+        return True
 
     def __init__(self, mean_threshold: float = 0.75, region_threshold: float = 0.6, max_clip: int = 400,
                  seed: int = 0, layer: str | None = None, formula: str = "default") -> None:
@@ -127,3 +130,36 @@ class AdaptiveKeyframes(KeyframeSchedule):
         """Keyframes per step before the features are known, for the memory preflight: one per ``max_clip``
         frames at least; assumed one per 8 frames (the random schedule's density) — the cut is data-dependent."""
         return max(1, math.ceil(n_frames / min(8, self.max_clip)))
+
+
+class AutoKeyframes(KeyframeSchedule):
+    """The default: the paper's random keyframes (one per ``stride`` frames) while they number at most
+    ``max_keyframes`` (160 frames at stride 8, 20 keyframes: every clip the official code edits), AdaFlow's
+    adaptive keyframes (one per clip, :class:`AdaptiveKeyframes`) on longer videos, where the paper's K = N/8
+    keyframes edited in one call would grow without bound."""
+
+    def __init__(self, stride: int = 8, seed: int = 0, max_keyframes: int = 20, mean_threshold: float = 0.75,
+                 region_threshold: float = 0.6, max_clip: int = 400, layer: str | None = None) -> None:
+        if int(max_keyframes) < 1:
+            raise ConfigError(f"keyframes.max_keyframes={max_keyframes} must be >= 1 — e.g. 20 (AdaFlow's max_kv_size)")
+        self.random = RandomKeyframes(stride, seed)
+        self.adaptive = AdaptiveKeyframes(mean_threshold, region_threshold, max_clip, seed, layer)
+        self.max_keyframes = int(max_keyframes)
+        self.layer = layer
+
+    def _adaptive(self, n_frames: int) -> bool:
+        return math.ceil(n_frames / self.random.stride) > self.max_keyframes
+
+    def reads_features(self, n_frames: int) -> bool:
+        return self._adaptive(n_frames)
+
+    def clips(self, features: torch.Tensor) -> list[int]:
+        return self.adaptive.clips(features)
+
+    def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None) -> list[list[int]]:
+        if self._adaptive(n_frames):
+            return self.adaptive.sequence(n_steps, n_frames, features)
+        return self.random.sequence(n_steps, n_frames)
+
+    def bound(self, n_steps: int, n_frames: int) -> int:
+        return self.adaptive.bound(n_steps, n_frames) if self._adaptive(n_frames) else self.random.bound(n_steps, n_frames)

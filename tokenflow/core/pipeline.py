@@ -363,7 +363,7 @@ class TokenFlowPipeline:
         """Keyframes per editing step; a schedule that reads the video (adaptive clips) gets the source tokens of
         every frame at its layer, from one pass over the clean latents at the path's least noisy level."""
         n_steps = len(path.timesteps)
-        if not getattr(self.keyframes, "needs_features", False) or not self.propagator.uses_keyframes:
+        if not self.keyframes.reads_features(inversion.n_frames) or not self.propagator.uses_keyframes:
             return self.keyframes.sequence(n_steps, inversion.n_frames)
         layer = getattr(self.keyframes, "layer", None) or default_feature_layer(self.layout)
         features = frame_features(self.model, inversion.clean, path.timesteps[-1], self.model.encode_text(inversion_prompt),
