@@ -3,9 +3,10 @@ SD 3.5 Medium or FLUX.1-dev at 1024x1024.
 
 The model's shapes come from the published configs (tokenflow/models/variants*.py); the weights' size from
 the denoiser, VAE and text encoders built on the meta device (no memory, no download). Runs are TokenFlow
-on CUDA, 50 steps, keyframe_stride 8, chunk_size 8: ``default`` (every keyframe attends to all N/8
-keyframes) against ``long_video`` (attention=anchors: 4 anchors, segments of 4 keyframes; decoded frames
-streamed to the writers). The editor sets the branches per frame (``KeyframeEditor.branch_count``): PnP on
+on CUDA, 50 steps, keyframe_stride 8, chunk_size 8: the paper (every keyframe attends to all N/8
+keyframes, ``paper``), the default (the same up to 20 keyframes; above, adaptive keyframes: ``--clips`` of them,
+a count that depends on the video) and ``long_video`` (attention=anchors: 4 anchors, segments of 4 keyframes;
+decoded frames streamed to the writers). The editor sets the branches per frame (``KeyframeEditor.branch_count``): PnP on
 SD 2.1 and K/V injection on SD 3.5 run 3 (source, uncond, cond); on FLUX.1-dev, guidance-distilled,
 SDEdit / K/V injection / FlowEdit with TokenFlow run 2. Prints a table (GiB; device = the GPU's total with
 the weights, host = the run's addition to the process). A benchmark, not a test.
@@ -26,6 +27,7 @@ from tokenflow.models.variants_flux import FLUX_DEV
 from tokenflow.models.variants_mmdit import SD35_MEDIUM
 
 ANCHORS, SEGMENT = 4, 4  # conf/attention/anchors.yaml
+MAX_KEYFRAMES = 20  # conf/keyframes/auto.yaml: random keyframes up to this many, adaptive above
 
 
 def weights_bytes(backbone: str, dtype: torch.dtype) -> int:
@@ -65,14 +67,19 @@ def model_shape(backbone: str, dtype: torch.dtype, weights: int) -> "ModelShape 
                                          text_tokens=512)  # T5 only, FluxPipeline's max_sequence_length
 
 
-def run_shape(n: int, size: int, long_video: bool, branches: int = 3, vae_batch: int = 8) -> RunShape:
-    """The RunShape tokenflow/cli/preflight.run_shape gives for TokenFlow, stride 8, chunk 8, 50 steps."""
+def run_shape(n: int, size: int, config: str, branches: int = 3, vae_batch: int = 8, clips: int = 20) -> RunShape:
+    """The RunShape tokenflow/cli/preflight.run_shape gives for TokenFlow, stride 8, chunk 8, 50 steps: ``paper``
+    (``keyframes=random attention=full``: K = N/8 keyframes in one call), ``default`` (the same up to 20
+    keyframes; above, adaptive keyframes: ``clips`` of them, a data-dependent count given here) or
+    ``long_video`` (anchors and segments)."""
     keyframes = math.ceil(n / 8)
-    if long_video:
+    if config == "long_video":
         anchors = min(ANCHORS, keyframes)
         return RunShape(n, size, size, 50, branches=branches, keyframes=anchors, chunk_size=8, vae_batch=vae_batch,
                         cuda=True, held_keyframes=min(keyframes, SEGMENT + anchors + 1), anchors=anchors,
                         keep_frames=False)
+    if config == "default" and keyframes > MAX_KEYFRAMES:
+        keyframes = clips
     return RunShape(n, size, size, 50, branches=branches, keyframes=keyframes, chunk_size=8, vae_batch=vae_batch,
                     cuda=True, held_keyframes=keyframes)
 
@@ -89,6 +96,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     parser.add_argument("--vae-batch", type=int, default=8)
     parser.add_argument("--budget-gib", type=float, default=24.0)
+    parser.add_argument("--clips", type=int, default=20,
+                        help="adaptive keyframes' clip count assumed for the default above 160 frames (data-dependent)")
+    parser.add_argument("--configs", default="paper,default,long_video")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     size = args.size or (512 if args.backbone == "sd21" else 1024)
@@ -100,8 +110,8 @@ def main() -> None:
     print(f"| frames | config | GPU peak (GiB) | phase | largest parts | host addition (GiB) | fits {args.budget_gib:g} GB |")
     print("|---|---|---|---|---|---|---|")
     for n in (int(x) for x in args.frames.split(",")):
-        for name in ("default", "long_video"):
-            e = estimate_peak(model, run_shape(n, size, name == "long_video", BRANCHES[args.backbone], args.vae_batch))
+        for name in args.configs.split(","):
+            e = estimate_peak(model, run_shape(n, size, name, BRANCHES[args.backbone], args.vae_batch, args.clips))
             device = (weights + e.device_bytes) / GIB
             top = ", ".join(f"{k} {v / GIB:.1f}" for k, v in sorted(e.parts.items(), key=lambda kv: -kv[1])[:2])
             print(f"| {n} | {name} | {device:.1f} | {e.phase} | {top} | {e.host_bytes / GIB:.2f} | "
