@@ -154,3 +154,47 @@ def test_auto_is_the_papers_draw_up_to_max_keyframes_then_adaptive():
     assert [len(k) for k in auto.sequence(2, 161, features=features)] == [2, 2]  # two scenes, one keyframe each
     with pytest.raises(ConfigError, match="features="):
         auto.sequence(2, 161)
+
+
+def test_dift_features_are_the_decoder_block_output_averaged_over_noise(tiny):
+    """features=dift: up_blocks[2]'s output for the latents noised to t (DDIM add_noise), empty prompt, the mean
+    over the ensemble — written out with a hook on complete forward passes and the same seeded draws."""
+    from tokenflow.core.clips import dift_features
+
+    g = torch.Generator().manual_seed(0)
+    latents = torch.randn(3, 4, 8, 8, generator=g)
+    got = dift_features(tiny, latents, up_block=2, t=10, ensemble=3, seed=5, batch=2)
+    alpha = float(tiny.scheduler.alphas_cumprod[10])
+    draws = torch.Generator().manual_seed(5)
+    text = tiny.encode_text("")
+    want = []
+    for frames in (torch.arange(0, 2), torch.arange(2, 3)):
+        outs = []
+        handle = tiny.unet.up_blocks[2].register_forward_hook(lambda m, a, o: outs.append(o))
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    noise = torch.randn(latents[frames].shape, generator=draws)
+                    tiny.predict(alpha ** 0.5 * latents[frames] + (1 - alpha) ** 0.5 * noise, 10,
+                                 text.rows(torch.arange(len(frames))))
+        finally:
+            handle.remove()
+        want.append(torch.stack(outs).mean(0).permute(0, 2, 3, 1))
+    want = torch.cat(want)
+    assert got.shape == want.shape and got.shape[1:3] == (8, 8)  # block 2's output: latent resolution (SD)
+    assert torch.allclose(got, want, atol=1e-5)
+    with pytest.raises(ConfigError, match="dift_block=7"):
+        dift_features(tiny, latents, up_block=7)
+
+
+def test_adaptive_keyframes_on_dift_features_through_the_pipeline(tiny):
+    video_a, video_b = translation_clip(n=4, size=64, shift=4, seed=0), translation_clip(n=4, size=64, shift=4, seed=1)
+    from tokenflow import Video
+    video = Video(frames=__import__("numpy").concatenate([video_a.frames, video_b.frames]), fps=10.0)
+    inversion, _ = invert_video(tiny, video, DDIMInverter(n_steps=2, keep_steps=2), "a texture", progress=False)
+    schedule = AdaptiveKeyframes(seed=0, features="dift", dift_ensemble=2, mean_threshold=0.9, region_threshold=0.8)
+    pipe = TokenFlowPipeline(tiny, PnPEditor(), TokenFlowPropagator(), schedule, n_steps=2, chunk_size=4)
+    result = pipe.edit(inversion, "a red texture", "", "a texture", progress=False)
+    assert all(1 <= len(k) for k in result.keyframes) and torch.isfinite(result.latents).all()
+    with pytest.raises(ConfigError, match="keyframes.features='sift'"):
+        AdaptiveKeyframes(features="sift")

@@ -13,9 +13,11 @@ is never a reference), and a cut leaving only the last frame ends the search (th
 The default compares each clip against its own first frame. Window sides are at least 1 (AdaFlow's
 ``range`` step would be 0 below 32 tokens a side).
 
-The features (:func:`frame_features`) are the source video's own tokens at one self-attention layer of the
-denoiser, read from one pass over the clean latents at the grid's least noisy timestep (AdaFlow reads DIFT
-features of a separate SD 2.1 pass at t=0, an ensemble of 8 noises).
+The features (:func:`frame_features`, ``features=source``) are the source video's own tokens at one
+self-attention layer of the denoiser, read from one pass over the clean latents at the grid's least noisy
+timestep. ``features=dift`` is AdaFlow's choice (:func:`dift_features`, Tang et al.'s DIFT: the output of
+UNet decoder block 2 for the latents noised to t=0, empty prompt, averaged over an ensemble of 8 noise
+draws), on an SD UNet only.
 """
 from __future__ import annotations
 
@@ -85,6 +87,56 @@ def default_feature_layer(layout: Any) -> str:
         return joint[len(joint) // 2]
     finest = [n for n in layout.self_attention if layout.stage.get(n) == "up" and layout.level.get(n) == 0]
     return finest[0] if finest else layout.self_attention[-1]
+
+
+class FeatureSource(str, Enum):
+    source = "source"   # the source video's tokens at one self-attention layer (no extra model call per noise)
+    dift = "dift"       # DIFT: a UNet decoder block's output for the noised clean latents, an ensemble mean
+
+
+def dift_features(model: Any, latents: Tensor, up_block: int = 2, t: int = 0, ensemble: int = 8, seed: int = 0,
+                  batch: int = 8) -> Tensor:
+    """(N, h, w, C) float32 on CPU: DIFT features (Tang et al. 2023, as AdaFlow uses them) — the output of
+    ``up_blocks[up_block]`` of the model's UNet for each of ``latents`` (N, C, h, w) noised to timestep ``t``
+    (``DDIMScheduler.add_noise`` with a seeded Gaussian draw), empty prompt, averaged over ``ensemble`` draws;
+    each call stops after that block. Differences from AdaFlow's SDFeaturizer: the clean latents are the VAE
+    posterior's mean (AdaFlow samples it, from frames scaled to [0, 1]), and the model is the run's own."""
+    unet = getattr(model, "unet", None)
+    blocks = getattr(unet, "up_blocks", None)
+    if blocks is None:
+        raise ConfigError(f"keyframes.features=dift reads an SD UNet's decoder blocks; '{model.identity}' has none — "
+                          "use keyframes.features=source")
+    if not 0 <= up_block < len(blocks):
+        raise ConfigError(f"keyframes.dift_block={up_block} does not exist — this UNet has decoder blocks 0-{len(blocks) - 1}")
+    alpha = float(model.alpha(int(t)))
+    text = model.encode_text("")
+    generator = torch.Generator().manual_seed(int(seed))
+    seen: list[Tensor] = []
+
+    def capture(mod, args, output):
+        seen.append(output.detach().float())
+        raise _Captured
+
+    out = []
+    handle = blocks[up_block].register_forward_hook(capture)
+    try:
+        with torch.no_grad():
+            for frames in torch.arange(latents.shape[0]).split(max(1, int(batch))):
+                z0 = latents[frames].float()
+                acc = None
+                for _ in range(int(ensemble)):
+                    noise = torch.randn(z0.shape, generator=generator)
+                    z = alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * noise
+                    try:
+                        model.predict(z.to(model.device), int(t), text.rows(torch.arange(len(frames))))
+                    except _Captured:
+                        pass
+                    ft = seen.pop()
+                    acc = ft if acc is None else acc + ft
+                out.append((acc / int(ensemble)).permute(0, 2, 3, 1).cpu())
+    finally:
+        handle.remove()
+    return torch.cat(out)
 
 
 class _Captured(Exception):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from enum import Enum
+from typing import Any
 
 import torch
 
@@ -94,8 +95,9 @@ class AdaptiveKeyframes(KeyframeSchedule):
         return True
 
     def __init__(self, mean_threshold: float = 0.75, region_threshold: float = 0.6, max_clip: int = 400,
-                 seed: int = 0, layer: str | None = None, formula: str = "default") -> None:
-        from tokenflow.core.clips import ClipFormula
+                 seed: int = 0, layer: str | None = None, formula: str = "default", features: str = "source",
+                 dift_block: int = 2, dift_t: int = 0, dift_ensemble: int = 8) -> None:
+        from tokenflow.core.clips import ClipFormula, FeatureSource
 
         for name, value in (("mean_threshold", mean_threshold), ("region_threshold", region_threshold)):
             if not -1.0 <= float(value) <= 1.0:
@@ -106,6 +108,23 @@ class AdaptiveKeyframes(KeyframeSchedule):
         self.mean_threshold, self.region_threshold = float(mean_threshold), float(region_threshold)
         self.max_clip, self.seed, self.layer = int(max_clip), int(seed), layer
         self.formula = choice(ClipFormula, formula, "keyframes.formula")
+        self.features = choice(FeatureSource, features, "keyframes.features")
+        if int(dift_ensemble) < 1 or not 0 <= int(dift_t) < 1000:
+            raise ConfigError(f"keyframes.dift_ensemble={dift_ensemble} must be >= 1 and keyframes.dift_t={dift_t} in "
+                              "[0, 999] — AdaFlow uses 8 and 0")
+        self.dift_block, self.dift_t, self.dift_ensemble = int(dift_block), int(dift_t), int(dift_ensemble)
+
+    def frame_features(self, model: Any, clean: torch.Tensor, timestep: Any, prompt: str, batch: int = 8) -> torch.Tensor:
+        """The features this schedule cuts on, (N, h, w, C), for clean latents (N, C, h, w): the source tokens at
+        :attr:`layer` (the model's default layer when None) for ``prompt`` at ``timestep``, or DIFT features."""
+        from tokenflow.core.clips import FeatureSource, default_feature_layer, dift_features, frame_features
+        from tokenflow.core.inversion import image_conditioning
+
+        if self.features is FeatureSource.dift:
+            return dift_features(model, clean, self.dift_block, self.dift_t, self.dift_ensemble, self.seed, batch)
+        layer = self.layer or default_feature_layer(model.layout())
+        return frame_features(model, clean, timestep, model.encode_text(prompt), layer, batch,
+                              image_conditioning(model, clean))
 
     def clips(self, features: torch.Tensor) -> list[int]:
         """First frame of each clip of a video with ``features`` (N, h, w, C)."""
@@ -139,11 +158,12 @@ class AutoKeyframes(KeyframeSchedule):
     keyframes edited in one call would grow without bound."""
 
     def __init__(self, stride: int = 8, seed: int = 0, max_keyframes: int = 20, mean_threshold: float = 0.75,
-                 region_threshold: float = 0.6, max_clip: int = 400, layer: str | None = None) -> None:
+                 region_threshold: float = 0.6, max_clip: int = 400, layer: str | None = None,
+                 features: str = "source") -> None:
         if int(max_keyframes) < 1:
             raise ConfigError(f"keyframes.max_keyframes={max_keyframes} must be >= 1 — e.g. 20 (AdaFlow's max_kv_size)")
         self.random = RandomKeyframes(stride, seed)
-        self.adaptive = AdaptiveKeyframes(mean_threshold, region_threshold, max_clip, seed, layer)
+        self.adaptive = AdaptiveKeyframes(mean_threshold, region_threshold, max_clip, seed, layer, features=features)
         self.max_keyframes = int(max_keyframes)
         self.layer = layer
 
@@ -155,6 +175,9 @@ class AutoKeyframes(KeyframeSchedule):
 
     def clips(self, features: torch.Tensor) -> list[int]:
         return self.adaptive.clips(features)
+
+    def frame_features(self, model: Any, clean: torch.Tensor, timestep: Any, prompt: str, batch: int = 8) -> torch.Tensor:
+        return self.adaptive.frame_features(model, clean, timestep, prompt, batch)
 
     def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None) -> list[list[int]]:
         if self._adaptive(n_frames):

@@ -22,11 +22,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime
-from tokenflow.core.clips import default_feature_layer, frame_features
 from tokenflow.core.correspondence_cache import record_key
 from tokenflow.core.distributed import Ranks
 from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step, check_pairing
-from tokenflow.core.inversion import DDIMInverter, Inverter, image_conditioning, image_seq_len, kept_timesteps
+from tokenflow.core.inversion import DDIMInverter, Inverter, image_seq_len, kept_timesteps
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
 from tokenflow.core.numerics import check_latents, likely_cause
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationInputs, Propagator, TokenFlowPropagator
@@ -360,16 +359,15 @@ class TokenFlowPipeline:
         return EditResult(frames, x.cpu(), schedule, timesteps, timings, self.unet_evaluations)
 
     def _keyframe_schedule(self, inversion: InversionResult, inversion_prompt: str, path: Grid) -> list[list[int]]:
-        """Keyframes per editing step; a schedule that reads the video (adaptive clips) gets the source tokens of
-        every frame at its layer, from one pass over the clean latents at the path's least noisy level."""
+        """Keyframes per editing step; a schedule that reads the video (adaptive clips) is given its features of
+        every frame (``frame_features``: one pass over the clean latents, at the path's least noisy level)."""
         n_steps = len(path.timesteps)
         if not self.keyframes.reads_features(inversion.n_frames) or not self.propagator.uses_keyframes:
             return self.keyframes.sequence(n_steps, inversion.n_frames)
-        layer = getattr(self.keyframes, "layer", None) or default_feature_layer(self.layout)
-        features = frame_features(self.model, inversion.clean, path.timesteps[-1], self.model.encode_text(inversion_prompt),
-                                  layer, self.chunk_size, image_conditioning(self.model, inversion.clean))
+        features = self.keyframes.frame_features(self.model, inversion.clean, path.timesteps[-1], inversion_prompt,
+                                                 self.chunk_size)
         schedule = self.keyframes.sequence(n_steps, inversion.n_frames, features=features)
-        log.info("adaptive keyframes: %d clips from %s (first frames %s)", len(schedule[0]) if schedule else 0, layer,
+        log.info("adaptive keyframes: %d clips (first frames %s)", len(schedule[0]) if schedule else 0,
                  self.keyframes.clips(features)[:12])
         return schedule
 
