@@ -13,13 +13,22 @@ joblib) reuse the loaded model (:class:`~tokenflow.cli.config.ModelMemo`, ``mode
 metrics.json) and, through the inversion cache, one inversion per video; ``dataset=`` runs every
 item x prompt of a manifest (:mod:`tokenflow.cli.dataset`). The task function and its session pickle,
 so the joblib and submitit launchers run the same jobs in other processes.
+
+Under ``torchrun --nproc-per-node N`` (``WORLD_SIZE`` > 1) the N processes edit one video together
+(:mod:`tokenflow.core.distributed`: the inversion by frame chunks, the edit's chunk passes): rank 0
+alone writes the run folder, the cache and the metrics; the other ranks keep Hydra's files in a
+temporary folder they remove, and write nothing. Rank 0 publishes only after every rank has finished
+its part (a barrier a failed rank never reaches); sweeps (``-m``) are refused.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -36,13 +45,18 @@ from tokenflow.cli.dataset import apply_item, register_manifest_files
 from tokenflow.cli.messages import user_error
 from tokenflow.cli.plugins import make_cwd_importable, register_class_options
 from tokenflow.cli.report import RunReport, SweepFailed, parse_overrides, save_config
-from tokenflow.cli.rundir import claimed_run_dir_args, register_resolvers
+from tokenflow.cli.rundir import claimed_run_dir_args, register_resolvers, scratch_run_dir_args
+from tokenflow.core.distributed import Ranks, RankStopped, init_from_environment, leave_group
+from tokenflow.errors import ConfigError
 from tokenflow.evaluation.provenance import run_manifest, write_manifest
 
 log = logging.getLogger("tokenflow")
 RunFunction = Callable[[DictConfig, Path, RunReport, ModelMemo], None]
 MODEL_REUSED = "1 when this job used the model an earlier job of the same process loaded (model_memo), 0 when loaded"
 MODEL_LOAD_S = "wall seconds to obtain the model (load and fingerprint, or the kept one on reuse)"
+INVERSION_FRAMES = "frames this process inverted (0 on a cache hit; under torchrun rank 0's share, info.ranks has all)"
+WORLD_SIZE = "processes that edited this video together (torchrun --nproc-per-node)"
+SWEEP_FLAGS = ("-m", "--multirun", "hydra.mode=MULTIRUN")
 
 # the resolvers edit.yaml and the sweep files use; registered on import too, so that a launcher's worker
 # process (joblib/loky, submitit), which imports this module to unpickle the task function, has them
@@ -60,8 +74,10 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
     from tokenflow.cli.config import build
     from tokenflow.storage.video import read_video
 
+    ranks = Ranks.current()
     preflight.check_settings(cfg)
-    preflight.remove_leftovers(cfg, run_dir)
+    if ranks.main:
+        preflight.remove_leftovers(cfg, run_dir)
     path = preflight.video_path(cfg.video)
     plan = preflight.plan_size(cfg, path)
     built = parts()
@@ -87,14 +103,28 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
         estimate, peaks = preflight.check_run_memory(model, shape, preflight.size_phrase(cfg, plan, video.n_frames))
     for name, value in peaks.items():
         report.metric(name, value)
-    write_manifest(run_dir, run_manifest(cfg, model=model, video=video, seed=cfg.seed, command=report.command,
-                                         started_at=report.started))
+    if ranks.main:
+        write_manifest(run_dir, run_manifest(cfg, model=model, video=video, seed=cfg.seed, command=report.command,
+                                             started_at=report.started))
     report.info.update({"video": path, "n_frames": video.n_frames, "height": video.height, "width": video.width,
                         "fps": video.fps, "source_size": [plan.source.height, plan.source.width],
                         "model": model.identity, "model_fingerprint": model.fingerprint,
                         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                         "memory_estimate": estimate.as_dict()})
     return model, video, built
+
+
+def _open_cache(cfg: DictConfig, ranks: Ranks):
+    """The inversion cache as this process uses it: rank 0 opens it (checked, cleaned, written); another rank
+    only reads the entries rank 0 verified (:func:`~tokenflow.core.pipeline.invert_video`), never writes there."""
+    if ranks.main:
+        return preflight.open_cache(cfg)
+    if not cfg.use_cache:
+        return None
+    from tokenflow.paths import default_cache_dir
+    from tokenflow.storage.cache import InversionCache
+
+    return InversionCache(Path(cfg.cache_dir or default_cache_dir()) / "inversions")
 
 
 def run_invert(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | None = None) -> None:
@@ -106,11 +136,14 @@ def run_invert(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo 
     from tokenflow.storage.video import frames_from_tensor, write_frames, write_video
 
     t0 = time.perf_counter()
+    ranks = Ranks.current()
     model, video, parts = _prepare(cfg, report, out, lambda: {"inverter": build(cfg.inverter)}, models)
     t1 = time.perf_counter()
-    inversion, hit = invert_video(model, video, parts["inverter"], cfg.inversion_prompt, preflight.open_cache(cfg),
+    inversion, hit = invert_video(model, video, parts["inverter"], cfg.inversion_prompt, _open_cache(cfg, ranks),
                                   cfg.progress)
     t2 = time.perf_counter()
+    if not ranks.main:  # the reconstruction and its outputs are rank 0's
+        return
     latents = reconstruct(model, inversion, progress=cfg.progress)
     recon = frames_from_tensor(model.decode_latents(latents))
     vae_only = frames_from_tensor(model.decode_latents(inversion.clean))
@@ -146,18 +179,30 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
                 "keyframes": build(cfg.keyframes), "attention": build(cfg.attention)}
 
     t0 = time.perf_counter()
+    ranks = Ranks.current()  # the pipeline shares the work among the processes of a torchrun launch
     suite = build_suite(OmegaConf.to_container(cfg.metrics, resolve=True))  # a bad metric setting fails before any work
     model, video, p = _prepare(cfg, report, out, parts, models)
     pipe = TokenFlowPipeline(model, p["editor"], p["propagator"], p["keyframes"], p["inverter"], n_steps=cfg.n_steps,
-                             chunk_size=cfg.chunk_size, cache=preflight.open_cache(cfg), attention=p["attention"])
-    keep = bool(suite.metrics)  # the metrics read the whole edited clip; without them frames stream to disk only
-    with VideoWriter(report.output("edited.mp4"), video.fps) as mp4, FrameWriter(report.output("frames")) as pngs:
+                             chunk_size=cfg.chunk_size, cache=_open_cache(cfg, ranks), attention=p["attention"],
+                             ranks=ranks)
+    keep = bool(suite.metrics) and ranks.main  # the metrics read the whole edited clip; else frames stream to disk
+    with ExitStack() as outputs:
+        sinks = [outputs.enter_context(VideoWriter(report.output("edited.mp4"), video.fps)),
+                 outputs.enter_context(FrameWriter(report.output("frames")))] if ranks.main else []
         result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt,
-                      progress=cfg.progress, output=[mp4, pngs], keep_frames=keep)
+                      progress=cfg.progress, output=sinks, keep_frames=keep)
+    shares = {name: ranks.gather(value) for name, value in (("inversion_frames", result.timings["inversion_frames"]),
+                                                            ("inversion_cache_hit", result.timings["inversion_cache_hit"]),
+                                                            ("unet_evaluations", result.unet_evaluations))}
+    if not ranks.main:  # outputs and metrics are rank 0's
+        return
     write_video(report.output("input.mp4"), video.frames, video.fps)
     for name, value in result.timings.items():
-        report.metric(name, value)
+        report.metric(name, value, INVERSION_FRAMES if name == "inversion_frames" else None)
     report.metric("unet_evaluations", result.unet_evaluations)
+    if ranks.distributed:
+        report.metric("world_size", ranks.world, WORLD_SIZE)
+        report.info["ranks"] = {name: [int(v) for v in values] for name, values in shares.items()}
     report.info["keyframes"] = result.keyframes
     if keep:
         t1 = time.perf_counter()
@@ -190,7 +235,10 @@ class _Session:
     models: ModelMemo = field(default_factory=ModelMemo)
 
     def job(self, cfg: DictConfig) -> None:
-        """A Hydra job: run, and always leave config.yaml and metrics.json (status ok or failed)."""
+        """A Hydra job: run, and always leave config.yaml and metrics.json (status ok or failed).
+
+        Under torchrun the job first joins the process group; only rank 0 writes (the others' ``out`` is a
+        temporary folder), and rank 0 publishes only once every rank has finished its part."""
         hc = HydraConfig.get()
         out = Path(hc.runtime.output_dir)
         multirun = hc.mode == RunMode.MULTIRUN
@@ -199,17 +247,26 @@ class _Session:
         report = RunReport(out, self.task, parse_overrides(list(hc.overrides.task)))
         report.command = [f"tokenflow-{self.task}", *self.args]
         report.info["pid"] = os.getpid()
+        ranks = Ranks.from_environment()  # until the group is joined: who writes is known from the launcher
         try:
+            ranks = init_from_environment()  # gloo on CPU, NCCL on GPUs; a single process without torchrun
             given = {k.lstrip("+~").split("@")[0] for k in report.overrides}
             applied = apply_item(cfg, given)  # a dataset run: its video, prompt, size (the command line wins)
             if applied:
                 report.overrides = {**report.overrides, **{k: applied[k] for k in ("video", "prompt") if k in applied}}
                 report.info["dataset_item"] = str(cfg.item)
-            save_config(cfg, out)
-            write_manifest(out, run_manifest(cfg, command=report.command, started_at=report.started))
+            if ranks.main:
+                save_config(cfg, out)
+                write_manifest(out, run_manifest(cfg, command=report.command, started_at=report.started))
             self.run(cfg, out, report, self.models)
+            ranks.barrier()  # every rank's part is done: a rank that failed never arrives, so nothing is published
         except Exception as e:
             line = user_error(e, self.args, _places(cfg, out))
+            if line is not None and ranks.distributed and not isinstance(e, RankStopped):
+                line = f"{ranks.label}: {line}"
+            if not ranks.main:  # its error line (or traceback) goes to stderr; rank 0 writes the run folder
+                self.failure, self.failure_line = e, line
+                return None
             error = line or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (a bug: " \
                             f"{_save_traceback(e, out)})"
             try:
@@ -224,7 +281,8 @@ class _Session:
             else:
                 raise
             return None
-        report.write()
+        if ranks.main:
+            report.write()
         return None
 
 
@@ -253,19 +311,33 @@ def _save_traceback(error: BaseException, out: Path) -> str:
     return f"the traceback is in {out / 'traceback.txt'}"
 
 
+def _check_launch(args: list[str], launch: Ranks) -> None:
+    """Refuse what a torchrun launch cannot do: a sweep (every process would run every job)."""
+    if launch.distributed and any(arg in SWEEP_FLAGS for arg in args):
+        raise ConfigError(f"sweeps (-m) do not run under torchrun (WORLD_SIZE={launch.world}) — run the sweep in one "
+                          "process, or launch one torchrun per job")
+
+
 def _main(task: str, run: RunFunction) -> Any:
-    """Parse the command line with Hydra, run the job(s); one line and exit 2 for every user error."""
+    """Parse the command line with Hydra, run the job(s); one line and exit 2 for every user error.
+
+    Under torchrun every process runs this; a non-zero rank's Hydra folder is a temporary one, removed at the
+    end, so only rank 0 leaves a run folder."""
     session = _Session(task, run, sys.argv[1:])
     make_cwd_importable()
     register_resolvers()
     full_error = os.environ.get("HYDRA_FULL_ERROR")
+    launch = Ranks.from_environment()
+    scratch = None if launch.main else tempfile.mkdtemp(prefix=f"tokenflow-rank{launch.rank}-")
 
     def task_function(cfg: DictConfig) -> None:
         return session.job(cfg)
 
     try:
         session.args = register_manifest_files(session.args)  # an absolute manifest path, made relative for Hydra
-        hydra_args = claimed_run_dir_args(session.args)  # run folders named on the command line are claimed
+        _check_launch(session.args, launch)
+        hydra_args = (claimed_run_dir_args(session.args) if scratch is None  # folders named on the command line are
+                      else scratch_run_dir_args(session.args, scratch))      # claimed, by rank 0 alone
         if hydra_args != sys.argv[1:]:
             sys.argv = [sys.argv[0], *hydra_args]
         register_class_options(session.args)
@@ -286,6 +358,10 @@ def _main(task: str, run: RunFunction) -> Any:
     finally:
         if full_error is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+        if launch.distributed:
+            leave_group()
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
 
 
 def invert_main() -> Any:

@@ -84,6 +84,16 @@ def claimed_run_dir_args(args: list[str]) -> list[str]:
     return out
 
 
+def scratch_run_dir_args(args: list[str], folder: str | os.PathLike) -> list[str]:
+    """``args`` for a process that must leave no run folder (a non-zero rank under ``torchrun``): the run and sweep
+    folders given are dropped (rank 0 claims them) and Hydra's run folder is ``folder`` (a temporary one the caller
+    removes), with no ``.hydra/`` in it."""
+    keys = (*RUN_DIR_KEYS, "hydra.output_subdir")
+    kept = [arg for arg in args if arg.partition("=")[0].lstrip("+~") not in keys]
+    quoted = str(folder).replace("\\", "\\\\").replace("'", "\\'")
+    return [*kept, f"hydra.run.dir='{quoted}'", f"hydra.sweep.dir='{quoted}'", "hydra.output_subdir=null"]
+
+
 def register_resolvers() -> None:
     """Register ``${tokenflow.claim:...}`` and ``${tokenflow.claim_exact:...}`` (idempotent)."""
     if not OmegaConf.has_resolver(RESOLVER):

@@ -155,9 +155,12 @@ class DDIMInverter(Inverter):
 
     @torch.no_grad()
     def invert_into(self, model, clean: Tensor, prompt: str, trajectory: Trajectory,
-                    progress: bool = True) -> InversionResult:
+                    progress: bool = True, owns: Callable[[int], bool] | None = None) -> InversionResult:
         """Invert ``clean`` (N, C, h, w) in chunks of ``batch_size`` frames, writing each chunk's latents into
-        ``trajectory`` (T, N, C, h, w) as soon as they are computed (one timestep's rows at a time)."""
+        ``trajectory`` (T, N, C, h, w) as soon as they are computed (one timestep's rows at a time).
+
+        ``owns``: invert only the chunks (numbered from 0) it accepts, the others' rows are left unwritten (one
+        rank's share, see :func:`tokenflow.core.distributed.invert_split`); None: every chunk."""
         sampler = model_sampler(model)
         seq_len = image_seq_len(model, tuple(clean.shape[-2:]))
         grid = sampler.grid(self.config.n_steps, seq_len)
@@ -168,7 +171,8 @@ class DDIMInverter(Inverter):
         slab = {t: i for i, t in enumerate(order)}
         cond = model.encode_text(prompt)
         image = image_conditioning(model, clean)
-        chunks = torch.arange(clean.shape[0]).split(self.config.batch_size)
+        chunks = [frames for c, frames in enumerate(torch.arange(clean.shape[0]).split(self.config.batch_size))
+                  if owns is None or owns(c)]
         bar = tqdm(total=len(grid) * len(chunks), desc=f"{sampler.label} inversion", unit="step", disable=not progress)
         for frames in chunks:
             x = clean[frames].to(model.device, torch.float32)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime
 from tokenflow.core.correspondence_cache import record_key
-from tokenflow.core.distributed import Ranks
+from tokenflow.core.distributed import Ranks, invert_split, splits_frames
 from tokenflow.core.editor import SOURCE, Branch, BranchCall, EditInputs, KeyframeEditor, Step, check_pairing
 from tokenflow.core.inversion import DDIMInverter, Inverter, image_seq_len, kept_timesteps
 from tokenflow.core.keyframes import KeyframeSchedule, RandomKeyframes
@@ -34,7 +34,7 @@ from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.loading import as_model
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, TeeTrajectory
 from tokenflow.samplers import Grid, Sampler, model_sampler
-from tokenflow.storage.cache import InversionCache, cache_key
+from tokenflow.storage.cache import EntryWriter, InversionCache, cache_key
 from tokenflow.storage.video import Video, frames_from_tensor, video_fingerprint
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,8 @@ class EditResult:
 
 
 def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: InversionCache | None = None,
-                 progress: bool = True, temp_dir: str | None = None) -> tuple[InversionResult, bool]:
+                 progress: bool = True, temp_dir: str | None = None,
+                 ranks: Ranks | None = None) -> tuple[InversionResult, bool]:
     """Encode and invert ``video`` (cached by content); returns (inversion, cache_hit).
 
     The trajectory is written to disk as it is computed and read back one timestep at a time: into an
@@ -66,8 +67,20 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
     reads from the entry). Frames are encoded ``model.vae_batch`` at a time from uint8. On a miss the
     entry's lock (:meth:`InversionCache.lock`) is held while computing: a process that misses the same
     entry meanwhile waits, then hits what this one published.
+
+    With several processes (``ranks``, default the current ``torch.distributed`` group; every rank calls this
+    with the same arguments): rank 0 alone checks, locks and writes the cache, and its hit or miss is every
+    rank's (on a hit each rank loads the entry, reading only); a miss is inverted by frame chunks round-robin
+    where the inverter can split (:func:`~tokenflow.core.distributed.splits_frames`), else by every rank in full.
     """
+    return _invert(model, video, inverter, prompt, cache, progress, temp_dir, ranks or Ranks.current())[:2]
+
+
+def _invert(model, video: Video, inverter: Inverter, prompt: str, cache: InversionCache | None, progress: bool,
+            temp_dir: str | None, ranks: Ranks) -> tuple[InversionResult, bool, int]:
+    """:func:`invert_video`, and the number of frames this process inverted (0 on a cache hit)."""
     key = cache_key(video=video_fingerprint(video), model=model.fingerprint, inverter=inverter.settings(), prompt=prompt)
+    where = f" ({ranks.label})" if ranks.distributed else ""
 
     def cached(cache: InversionCache) -> InversionResult | None:
         hit = cache.load(key)
@@ -80,20 +93,27 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
             cache.remove(key)
         return None
 
-    if cache is not None and (hit := cached(cache)) is not None:
-        log.info("inversion cache hit %s", key)
-        return hit, True
-    with cache.lock(key) if cache is not None else nullcontext():
-        if cache is not None and (hit := cached(cache)) is not None:  # published while this process waited
-            log.info("inversion cache hit %s (computed by another process meanwhile)", key)
-            return hit, True
+    def loaded(cache: InversionCache) -> InversionResult | None:
+        """A non-zero rank's read of the entry rank 0 has just verified (it removes nothing of a mismatch)."""
+        hit = cache.load(key)
+        if hit is not None and entry_mismatch(hit, model, video, inverter, prompt) is not None:
+            hit.trajectory.close()
+            return None
+        return hit
+
+    if (hit := _agreed_hit(cache, ranks, cached, loaded)) is not None:
+        log.info("inversion cache hit %s%s", key, where)
+        return hit, True, 0
+    with cache.lock(key) if cache is not None and ranks.main else nullcontext():
+        if (hit := _agreed_hit(cache, ranks, cached, loaded)) is not None:  # published while rank 0 waited
+            log.info("inversion cache hit %s (computed by another process meanwhile)%s", key, where)
+            return hit, True, 0
         clean = encode_video(model, video)
         shape = (len(set(kept_timesteps(inverter, model, tuple(clean.shape[-2:])))), *clean.shape)
-        writer = cache.writer(key, shape) if cache is not None else None
+        writer = cache.writer(key, shape) if cache is not None and ranks.main else None
         trajectory = FileTrajectory.temporary(shape, folder=temp_dir)
-        store = trajectory if writer is None else TeeTrajectory(trajectory, writer.trajectory)
         try:
-            result = inverter.invert_into(model, clean, prompt, store, progress=progress)
+            result, frames = _invert_frames(model, clean, inverter, prompt, trajectory, writer, ranks, progress)
             result.trajectory = trajectory
         except BaseException:
             if writer is not None:
@@ -103,7 +123,39 @@ def invert_video(model, video: Video, inverter: Inverter, prompt: str, cache: In
         if writer is not None:
             writer.publish(key, result, video=video.source, model=model.identity, n_frames=video.n_frames,
                            size=[video.height, video.width])
-    return result, False
+    return result, False, frames
+
+
+def _agreed_hit(cache: InversionCache | None, ranks: Ranks, cached, loaded) -> InversionResult | None:
+    """The cache entry, when rank 0 finds it (``cached``) and, with several processes, every rank loads it
+    (``loaded``); else None on every rank. Every rank calls this at the same point (the decision is collective)."""
+    hit = cached(cache) if cache is not None and ranks.main else None
+    if not ranks.distributed:
+        return hit
+    if not ranks.decide(hit is not None):
+        return None
+    if not ranks.main:
+        hit = loaded(cache) if cache is not None else None
+    if ranks.all(hit is not None):
+        return hit
+    if hit is not None:  # some rank could not read the entry: every rank computes (rank 0 rewrites it)
+        hit.trajectory.close()
+    log.warning("the inversion cache entry could not be read on every rank: recomputing it")
+    return None
+
+
+def _invert_frames(model, clean: Tensor, inverter: Inverter, prompt: str, trajectory: FileTrajectory,
+                   writer: "EntryWriter | None", ranks: Ranks, progress: bool) -> tuple[InversionResult, int]:
+    """Invert ``clean`` into ``trajectory`` (and the cache entry ``writer``); returns (result, frames this process
+    inverted). With several processes the frame chunks are split among them where ``inverter`` can."""
+    copies = () if writer is None else (writer.trajectory,)
+    if ranks.distributed and splits_frames(inverter):
+        return invert_split(inverter, model, clean, prompt, trajectory, ranks, copies, progress)
+    if ranks.distributed:
+        log.info("%s cannot split the inversion by frames: %s inverts all %d frames itself",
+                 type(inverter).__name__, ranks.label, clean.shape[0])
+    store = trajectory if writer is None else TeeTrajectory(trajectory, *copies)
+    return inverter.invert_into(model, clean, prompt, store, progress=progress), int(clean.shape[0])
 
 
 def entry_mismatch(entry: InversionResult, model, video: Video, inverter: Inverter, prompt: str) -> str | None:
@@ -388,14 +440,16 @@ class TokenFlowPipeline:
         check_pairing(self.editor, self.model, self.sampler)  # before the inversion: a model the editor
         self.editor.check(self.model)  # cannot drive fails at once
         t0 = time.perf_counter()
-        if self.editor.needs_inversion:
-            inversion, hit = invert_video(self.model, video, self.inverter, inversion_prompt, self.cache, progress)
+        if self.editor.needs_inversion:  # with several processes: split by frame chunks (see invert_video)
+            inversion, hit, inverted = _invert(self.model, video, self.inverter, inversion_prompt, self.cache, progress,
+                                               None, self.ranks)
         else:  # inversion-free (FlowEdit): the encoded frames only, no trajectory on disk
-            inversion, hit = InversionResult.clean_only(encode_video(self.model, video), inversion_prompt), False
+            inversion, hit, inverted = InversionResult.clean_only(encode_video(self.model, video), inversion_prompt), False, 0
         t_inv = time.perf_counter() - t0
         result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video,
                            output=output, keep_frames=keep_frames)
-        result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), **result.timings}
+        result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), "inversion_frames": float(inverted),
+                          **result.timings}
         return result
 
 
