@@ -17,8 +17,15 @@ from tokenflow.cli.config import build
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 
 
-def documented_keys() -> set[str]:
-    table = DOC.read_text().split("## Every difference", 1)[1]
+SECTIONS = {"reference_pnp": "## Every difference between `reference` and the defaults",
+            "reference_sdedit": "## Every difference between `reference` and the defaults",
+            "reference_adaflow": "## Every difference between `reference_adaflow` and the defaults"}
+EXPERIMENTS = [("reference_pnp", "pnp"), ("reference_sdedit", "sdedit"), ("reference_adaflow", "pnp")]
+
+
+def documented_keys(experiment: str = "reference_pnp") -> set[str]:
+    """The keys of the experiment's table in docs/reference.md (its section, up to the next heading)."""
+    table = re.split(r"^#{1,2} ", DOC.read_text().split(SECTIONS[experiment], 1)[1], maxsplit=1, flags=re.M)[0]
     return set(re.findall(r"^\| `([^`]+)` \|", table, flags=re.M))
 
 
@@ -40,24 +47,26 @@ def compose_edit(*overrides: str):
         return compose(config_name="edit", overrides=["video=x.mp4", *overrides])
 
 
-@pytest.mark.parametrize("experiment, editor", [("reference_pnp", "pnp"), ("reference_sdedit", "sdedit")])
+@pytest.mark.parametrize("experiment, editor", EXPERIMENTS)
 def test_reference_changes_only_documented_keys(experiment, editor):
     default = leaves(compose_edit(f"editor={editor}"))
     reference = leaves(compose_edit(f"experiment={experiment}"))
     changed = {k for k in default.keys() | reference.keys() if default.get(k) != reference.get(k)}
     changed -= {"experiment"}
     assert changed, "the reference experiment changes nothing"
-    documented = documented_keys()  # a documented group (`keyframes`) covers every key under it
+    documented = documented_keys(experiment)  # a documented group (`keyframes`) covers every key under it
     undocumented = {k for k in changed if k not in documented and not any(k.startswith(f"{d}.") for d in documented)}
     assert not undocumented, f"undocumented differences: {sorted(undocumented)}"
 
 
-def test_every_documented_key_is_used_by_a_reference_experiment():
+@pytest.mark.parametrize("experiments", [["reference_pnp", "reference_sdedit"], ["reference_adaflow"]])
+def test_every_documented_key_is_used_by_a_reference_experiment(experiments):
     used = set()
-    for experiment, editor in [("reference_pnp", "pnp"), ("reference_sdedit", "sdedit")]:
+    for experiment, editor in [e for e in EXPERIMENTS if e[0] in experiments]:
         default, reference = leaves(compose_edit(f"editor={editor}")), leaves(compose_edit(f"experiment={experiment}"))
-        used |= {k for k in reference if default.get(k) != reference.get(k)}
-    unused = {d for d in documented_keys() if d not in used and not any(k.startswith(f"{d}.") for k in used)}
+        used |= {k for k in default.keys() | reference.keys() if default.get(k) != reference.get(k)}
+    documented = documented_keys(experiments[0])
+    unused = {d for d in documented if d not in used and not any(k.startswith(f"{d}.") for k in used)}
     assert not unused, sorted(unused)
 
 

@@ -33,10 +33,16 @@ from torch import Tensor
 
 from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
 from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator
-from tokenflow.core.slimming import gather_tokens, slim_budget, slim_selection
+from tokenflow.core.clips import features_at
+from tokenflow.core.slimming import gather_tokens, reference_selection, slim_budget, slim_selection
 from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout, UNetLayout, check_attention_supported, token_grid
 from tokenflow.options import choice
+
+
+class Slimming(str, Enum):
+    default = "default"       # scored per layer on the source branch's tokens, own tokens always kept
+    reference = "reference"   # AdaFlow's: the video features (DIFT) per resolution, the plain top-k
 
 
 class KeyframeContext(str, Enum):
@@ -63,9 +69,11 @@ class KeyframeAttention:
     anchors: int = 4
     segment: int = 4
     max_kv_frames: int = 20  # auto: keyframes read in full (AdaFlow's max_kv_size); above, its slimmed context
+    slimming: Slimming = Slimming.default  # how the slimmed context is scored (see tokenflow.core.slimming)
 
     def __post_init__(self) -> None:
         self.context = choice(KeyframeContext, self.context, "attention.context")
+        self.slimming = choice(Slimming, self.slimming, "attention.slimming")
         if self.anchors < 1 or self.segment < 1:
             raise ConfigError(f"attention.anchors={self.anchors} and attention.segment={self.segment} must be >= 1 — "
                               "e.g. anchors=4 segment=4")
@@ -117,6 +125,7 @@ class TokenFlowRuntime:
     latent_hw: tuple[int, int] = (64, 64)  # (h, w) of the latents: gives each layer's token grid
     attention_chunk: int = 4096  # query tokens per SDPA call in extended attention (memory bound)
     max_kv_frames: int | None = None  # keyframe passes over more keyframes are slimmed (AdaFlow); None: never
+    slim_features: Tensor | None = None  # (N, h, w, C) video features scoring the slimming (reference); None: tokens
     on_match: CorrespondenceCallback | None = None
     step: Step | None = None
     keyframe_tokens: dict[str, KeyframeTokens] = field(default_factory=dict)
@@ -125,6 +134,7 @@ class TokenFlowRuntime:
     _handles: list = field(default_factory=list)
     _unet: torch.nn.Module | None = None
     _joint: Any = None  # the installed joint-attention processors of an MMDiT (tokenflow.core.joint_attention)
+    _slim_memo: dict = field(default_factory=dict)  # (grid, keyframes) -> this step's reference selection
 
     def install(self, unet: torch.nn.Module, layout: "UNetLayout | MMDiTLayout") -> "TokenFlowRuntime":
         """Install the processors into ``unet`` (the model's denoiser: a UNet, or an MMDiT transformer whose
@@ -162,6 +172,22 @@ class TokenFlowRuntime:
         """Forget everything kept for the current denoising step."""
         self.keyframe_tokens.clear()
         self.anchor_kv.clear()
+        self._slim_memo.clear()
+
+    def slimming(self, frames: Tensor, grid: tuple[int, int], tokens: Tensor) -> Tensor | None:
+        """The slimmed context (K, budget) of a keyframe call over ``frames`` (K,) at a layer with token ``grid``,
+        or None for full extended attention: scored on ``tokens`` (K, S, C) (the source branch's), or with
+        ``attention.slimming=reference`` on :attr:`slim_features` at this grid, once per step and grid."""
+        budget = slim_budget(tokens.shape[0], tokens.shape[1], self.max_kv_frames)
+        if budget is None:
+            return None
+        if self.slim_features is None:
+            return slim_selection(tokens, budget)
+        key = (tuple(grid), tuple(int(f) for f in frames.tolist()))
+        if key not in self._slim_memo:
+            self._slim_memo[key] = reference_selection(features_at(self.slim_features, frames, grid, tokens.device),
+                                                       budget)
+        return self._slim_memo[key]
 
     def remove(self) -> None:
         for h in self._handles:
@@ -267,12 +293,9 @@ class TokenFlowSelfAttention:
 
     def _slimming(self, x: Tensor, step: Step, src: int | None) -> Tensor | None:
         """AdaFlow's selection (K, budget) for this keyframe call, or None for full extended attention; scored on
-        the source branch's input tokens (the first joint branch's without one)."""
-        budget = slim_budget(x.shape[1], x.shape[2], self.runtime.max_kv_frames)
-        if budget is None:
-            return None
+        the source branch's input tokens (the first joint branch's without one) or the video features."""
         features = x[src] if src is not None else x[next(i for i, b in enumerate(step.branches) if b.joint)]
-        return slim_selection(features, budget)
+        return self.runtime.slimming(step.frames, token_grid(self.runtime.latent_hw, x.shape[2]), features)
 
     def _slimmed(self, attn, q: Tensor, k: Tensor, v: Tensor, selection: Tensor) -> Tensor:
         """One branch's keyframes, q, k, v (F, S, C): frame f's queries attend to the pooled tokens

@@ -17,7 +17,7 @@ The features (:func:`frame_features`, ``features=source``) are the source video'
 self-attention layer of the denoiser, read from one pass over the clean latents at the grid's least noisy
 timestep. ``features=dift`` is AdaFlow's choice (:func:`dift_features`, Tang et al.'s DIFT: the output of
 UNet decoder block 2 for the latents noised to t=0, empty prompt, averaged over an ensemble of 8 noise
-draws), on an SD UNet only.
+draws), on an SD UNet only; ``dift_encode=reference`` encodes the frames as AdaFlow's SDFeaturizer does.
 """
 from __future__ import annotations
 
@@ -94,13 +94,25 @@ class FeatureSource(str, Enum):
     dift = "dift"       # DIFT: a UNet decoder block's output for the noised clean latents, an ensemble mean
 
 
-def dift_features(model: Any, latents: Tensor, up_block: int = 2, t: int = 0, ensemble: int = 8, seed: int = 0,
-                  batch: int = 8) -> Tensor:
+class DiftEncoding(str, Enum):
+    mean = "mean"             # the clean latents the run already has (VAE posterior mean of frames in [-1, 1])
+    reference = "reference"   # AdaFlow's SDFeaturizer: frames in [0, 1] into the VAE, its posterior *sampled*
+
+
+def dift_features(model: Any, latents: Tensor | None, up_block: int = 2, t: int = 0, ensemble: int = 8, seed: int = 0,
+                  batch: int = 8, encode: DiftEncoding | str = DiftEncoding.mean, frames: Any = None) -> Tensor:
     """(N, h, w, C) float32 on CPU: DIFT features (Tang et al. 2023, as AdaFlow uses them) — the output of
-    ``up_blocks[up_block]`` of the model's UNet for each of ``latents`` (N, C, h, w) noised to timestep ``t``
-    (``DDIMScheduler.add_noise`` with a seeded Gaussian draw), empty prompt, averaged over ``ensemble`` draws;
-    each call stops after that block. Differences from AdaFlow's SDFeaturizer: the clean latents are the VAE
-    posterior's mean (AdaFlow samples it, from frames scaled to [0, 1]), and the model is the run's own."""
+    ``up_blocks[up_block]`` of the model's UNet for each frame's latents noised to timestep ``t``
+    (``DDIMScheduler.add_noise``), empty prompt, averaged over ``ensemble`` Gaussian draws; each call stops after
+    that block.
+
+    ``encode="mean"``: the run's clean ``latents`` (N, C, h, w), ``batch`` frames per call, draws from a CPU
+    generator seeded with ``seed``. ``encode="reference"``: AdaFlow's SDFeaturizer exactly — the input ``frames``
+    (N, H, W, 3) uint8 scaled to [0, 1] (not [-1, 1]) go through the VAE, whose posterior is *sampled* for each of
+    the ``ensemble`` copies; then the noise draw; both from one generator on the model's device seeded with
+    ``seed`` (AdaFlow's draws are the first on the device after ``seed_everything``), frame by frame, one call of
+    ``ensemble`` copies per frame."""
+    encode = DiftEncoding(encode)
     unet = getattr(model, "unet", None)
     blocks = getattr(unet, "up_blocks", None)
     if blocks is None:
@@ -108,35 +120,62 @@ def dift_features(model: Any, latents: Tensor, up_block: int = 2, t: int = 0, en
                           "use keyframes.features=source")
     if not 0 <= up_block < len(blocks):
         raise ConfigError(f"keyframes.dift_block={up_block} does not exist — this UNet has decoder blocks 0-{len(blocks) - 1}")
+    if encode is DiftEncoding.reference and frames is None:
+        raise ConfigError("keyframes.dift_encode=reference encodes the input frames themselves — pass the video "
+                          "(TokenFlowPipeline(video, ...) or .edit(..., video=video)), or use dift_encode=mean")
     alpha = float(model.alpha(int(t)))
     text = model.encode_text("")
-    generator = torch.Generator().manual_seed(int(seed))
     seen: list[Tensor] = []
 
     def capture(mod, args, output):
         seen.append(output.detach().float())
         raise _Captured
 
+    def block_output(z: Tensor) -> Tensor:
+        try:
+            model.predict(z, int(t), text.rows(torch.zeros(len(z), dtype=torch.long)))
+        except _Captured:
+            pass
+        return seen.pop()
+
     out = []
     handle = blocks[up_block].register_forward_hook(capture)
     try:
         with torch.no_grad():
-            for frames in torch.arange(latents.shape[0]).split(max(1, int(batch))):
-                z0 = latents[frames].float()
-                acc = None
-                for _ in range(int(ensemble)):
-                    noise = torch.randn(z0.shape, generator=generator)
+            if encode is DiftEncoding.reference:
+                generator = torch.Generator(model.device).manual_seed(int(seed))
+                for frame in frames:
+                    image = torch.from_numpy(frame).permute(2, 0, 1)[None].to(model.device, model.vae_dtype) / 255
+                    posterior = model.vae.encode(image).latent_dist
+                    shape = (int(ensemble), *posterior.mean.shape[1:])
+                    draw = torch.randn(shape, generator=generator, device=model.device, dtype=posterior.mean.dtype)
+                    z0 = (posterior.mean + posterior.std * draw) * model.latent_scale
+                    noise = torch.randn(shape, generator=generator, device=model.device, dtype=z0.dtype)
                     z = alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * noise
-                    try:
-                        model.predict(z.to(model.device), int(t), text.rows(torch.arange(len(frames))))
-                    except _Captured:
-                        pass
-                    ft = seen.pop()
-                    acc = ft if acc is None else acc + ft
-                out.append((acc / int(ensemble)).permute(0, 2, 3, 1).cpu())
+                    out.append(block_output(z).mean(0, keepdim=True).permute(0, 2, 3, 1).cpu())
+            else:
+                generator = torch.Generator().manual_seed(int(seed))
+                for chunk in torch.arange(latents.shape[0]).split(max(1, int(batch))):
+                    z0 = latents[chunk].float()
+                    acc = None
+                    for _ in range(int(ensemble)):
+                        noise = torch.randn(z0.shape, generator=generator)
+                        ft = block_output((alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * noise).to(model.device))
+                        acc = ft if acc is None else acc + ft
+                    out.append((acc / int(ensemble)).permute(0, 2, 3, 1).cpu())
     finally:
         handle.remove()
     return torch.cat(out)
+
+
+def features_at(features: Tensor, frames: Tensor, grid: tuple[int, int], device: Any = None) -> Tensor:
+    """(F, h·w, C) float32: the per-frame ``features`` (N, h', w', C) of ``frames`` (F,) resized to a layer's token
+    ``grid`` (h, w) by bilinear interpolation (``align_corners=False``, as AdaFlow resizes its DIFT features to
+    each UNet resolution), on ``device`` (default: the features')."""
+    x = features[frames.to(features.device)].to(device or features.device, torch.float32).permute(0, 3, 1, 2)
+    if tuple(x.shape[-2:]) != tuple(grid):
+        x = torch.nn.functional.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False)
+    return x.flatten(2).transpose(1, 2)
 
 
 class _Captured(Exception):

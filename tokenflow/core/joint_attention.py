@@ -73,7 +73,7 @@ from torch import Tensor
 from tokenflow.core.attention import KeyframeTokens, TokenFlowRuntime, propagated_branches
 from tokenflow.core.editor import SOURCE, Step
 from tokenflow.core.propagation import PropagationQuery
-from tokenflow.core.slimming import gather_tokens, slim_budget, slim_selection
+from tokenflow.core.slimming import gather_tokens
 from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout, patch_grid
 
@@ -316,12 +316,12 @@ class TokenFlowJointAttention:
         """AdaFlow's selection (K, budget) over this keyframe call's image tokens, or None for full extended
         attention; scored on the source branch's input image tokens (the first joint branch's without one)."""
         n_frames = img.shape[0] // n_branches
-        budget = slim_budget(n_frames, img.shape[1], self.runtime.max_kv_frames)
         joint = [i for i, b in enumerate(step.branches) if b.joint]
-        if budget is None or not joint:
+        if not joint:
             return None
         i = src if src is not None else joint[0]
-        return slim_selection(img[i * n_frames:(i + 1) * n_frames], budget)
+        return self.runtime.slimming(step.frames, patch_grid(self.runtime.latent_hw, img.shape[1]),
+                                     img[i * n_frames:(i + 1) * n_frames])
 
     @property
     def _backend(self):

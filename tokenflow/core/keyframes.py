@@ -96,8 +96,8 @@ class AdaptiveKeyframes(KeyframeSchedule):
 
     def __init__(self, mean_threshold: float = 0.75, region_threshold: float = 0.6, max_clip: int = 400,
                  seed: int = 0, layer: str | None = None, formula: str = "default", features: str = "source",
-                 dift_block: int = 2, dift_t: int = 0, dift_ensemble: int = 8) -> None:
-        from tokenflow.core.clips import ClipFormula, FeatureSource
+                 dift_block: int = 2, dift_t: int = 0, dift_ensemble: int = 8, dift_encode: str = "mean") -> None:
+        from tokenflow.core.clips import ClipFormula, DiftEncoding, FeatureSource
 
         for name, value in (("mean_threshold", mean_threshold), ("region_threshold", region_threshold)):
             if not -1.0 <= float(value) <= 1.0:
@@ -113,15 +113,19 @@ class AdaptiveKeyframes(KeyframeSchedule):
             raise ConfigError(f"keyframes.dift_ensemble={dift_ensemble} must be >= 1 and keyframes.dift_t={dift_t} in "
                               "[0, 999] — AdaFlow uses 8 and 0")
         self.dift_block, self.dift_t, self.dift_ensemble = int(dift_block), int(dift_t), int(dift_ensemble)
+        self.dift_encode = choice(DiftEncoding, dift_encode, "keyframes.dift_encode")
 
-    def frame_features(self, model: Any, clean: torch.Tensor, timestep: Any, prompt: str, batch: int = 8) -> torch.Tensor:
+    def frame_features(self, model: Any, clean: torch.Tensor, timestep: Any, prompt: str, batch: int = 8,
+                       frames: Any = None) -> torch.Tensor:
         """The features this schedule cuts on, (N, h, w, C), for clean latents (N, C, h, w): the source tokens at
-        :attr:`layer` (the model's default layer when None) for ``prompt`` at ``timestep``, or DIFT features."""
+        :attr:`layer` (the model's default layer when None) for ``prompt`` at ``timestep``, or DIFT features
+        (``dift_encode=reference`` reads the input ``frames`` (N, H, W, 3) uint8 instead of the latents)."""
         from tokenflow.core.clips import FeatureSource, default_feature_layer, dift_features, frame_features
         from tokenflow.core.inversion import image_conditioning
 
         if self.features is FeatureSource.dift:
-            return dift_features(model, clean, self.dift_block, self.dift_t, self.dift_ensemble, self.seed, batch)
+            return dift_features(model, clean, self.dift_block, self.dift_t, self.dift_ensemble, self.seed, batch,
+                                 self.dift_encode, frames)
         layer = self.layer or default_feature_layer(model.layout())
         return frame_features(model, clean, timestep, model.encode_text(prompt), layer, batch,
                               image_conditioning(model, clean))
@@ -176,8 +180,9 @@ class AutoKeyframes(KeyframeSchedule):
     def clips(self, features: torch.Tensor) -> list[int]:
         return self.adaptive.clips(features)
 
-    def frame_features(self, model: Any, clean: torch.Tensor, timestep: Any, prompt: str, batch: int = 8) -> torch.Tensor:
-        return self.adaptive.frame_features(model, clean, timestep, prompt, batch)
+    def frame_features(self, model: Any, clean: torch.Tensor, timestep: Any, prompt: str, batch: int = 8,
+                       frames: Any = None) -> torch.Tensor:
+        return self.adaptive.frame_features(model, clean, timestep, prompt, batch, frames)
 
     def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None) -> list[list[int]]:
         if self._adaptive(n_frames):

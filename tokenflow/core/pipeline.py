@@ -383,17 +383,21 @@ class TokenFlowPipeline:
             raise ConfigError(f"the inversion has no latents at timesteps {missing[:3]} — invert with keep_steps={self.n_steps}")
         x = self.editor.initial_latents(inputs, timesteps).to(self.model.device, torch.float32)  # on the device: no
         # host round trip per UNet call
-        schedule = self._keyframe_schedule(inversion, inputs.inversion_prompt, path)
+        schedule, features, clips = self._keyframe_schedule(inversion, inputs.inversion_prompt, path, video)
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
         self.propagator.prepare(PropagationInputs(
             self.model, inversion, timesteps, schedule, latent_hw, None if video is None else video.frames,
             source_identity=self._source_identity(inversion, inputs.inversion_prompt), partial=self.ranks.distributed,
-            layout=self.layout))
+            layout=self.layout, features=features, clips=clips))
         source = self.source_branch(inputs.inversion_prompt)  # after prepare: what the propagator needs is known
         self.unet_evaluations = 0
         t0 = time.perf_counter()
+        if self.attention.slimming == "reference" and features is None:
+            raise ConfigError("attention.slimming=reference scores keyframe tokens with the video's features, which "
+                              "only keyframes=adaptive computes — use keyframes=adaptive (experiment=reference_adaflow)")
         runtime = TokenFlowRuntime(self.editor, self.propagator, latent_hw=latent_hw, on_match=on_match,
-                                   max_kv_frames=self.attention.slim_above)
+                                   max_kv_frames=self.attention.slim_above,
+                                   slim_features=features if self.attention.slimming == "reference" else None)
         runtime.install(self.model.denoiser, self.layout)
         try:
             with torch.no_grad():
@@ -410,18 +414,20 @@ class TokenFlowPipeline:
         timings = {"editing_s": t_edit, "decoding_s": time.perf_counter() - t0}
         return EditResult(frames, x.cpu(), schedule, timesteps, timings, self.unet_evaluations)
 
-    def _keyframe_schedule(self, inversion: InversionResult, inversion_prompt: str, path: Grid) -> list[list[int]]:
-        """Keyframes per editing step; a schedule that reads the video (adaptive clips) is given its features of
-        every frame (``frame_features``: one pass over the clean latents, at the path's least noisy level)."""
+    def _keyframe_schedule(self, inversion: InversionResult, inversion_prompt: str, path: Grid, video: Video | None
+                           ) -> tuple[list[list[int]], Tensor | None, list[int] | None]:
+        """Keyframes per editing step, and the features (N, h, w, C) and clip starts of a schedule that reads the
+        video (adaptive clips; None otherwise): its features of every frame (``frame_features``: one pass over the
+        clean latents at the path's least noisy level, or DIFT), shared with the propagator and the slimming."""
         n_steps = len(path.timesteps)
         if not self.keyframes.reads_features(inversion.n_frames) or not self.propagator.uses_keyframes:
-            return self.keyframes.sequence(n_steps, inversion.n_frames)
+            return self.keyframes.sequence(n_steps, inversion.n_frames), None, None
         features = self.keyframes.frame_features(self.model, inversion.clean, path.timesteps[-1], inversion_prompt,
-                                                 self.chunk_size)
+                                                 self.chunk_size, None if video is None else video.frames)
         schedule = self.keyframes.sequence(n_steps, inversion.n_frames, features=features)
-        log.info("adaptive keyframes: %d clips (first frames %s)", len(schedule[0]) if schedule else 0,
-                 self.keyframes.clips(features)[:12])
-        return schedule
+        clips = self.keyframes.clips(features)
+        log.info("adaptive keyframes: %d clips (first frames %s)", len(clips), clips[:12])
+        return schedule, features, clips
 
     def _source_identity(self, inversion: InversionResult, inversion_prompt: str) -> str:
         """What the source branch's tokens depend on: the model, the inversion, the source prompt and the editor

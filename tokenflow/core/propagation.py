@@ -83,6 +83,8 @@ class PropagationInputs:
     source_identity: str = ""        # hash of what the source branch's tokens depend on (model, inversion, prompt)
     partial: bool = False            # this process steps only its share of the frames (several processes)
     layout: Any = None               # the UNet's UNetLayout (self-attention layers and their stages)
+    features: Tensor | None = None   # (N, h, w, C) the video features an adaptive keyframe schedule was cut on
+    clips: list[int] | None = None   # first frame of each clip of that schedule (one keyframe per clip per step)
 
 
 @dataclass

@@ -10,9 +10,13 @@ the best match of pool token (i, s) among keyframe j's own tokens; its own token
 The budget is AdaFlow's count, ``int(K·S // (K / max_kv_frames))``. At or below ``max_kv_frames`` keyframes
 nothing is dropped: the attention is the paper's, unchanged.
 
-AdaFlow scores once per step and resolution with DIFT features of the clean frames; here each layer scores
-with the features TokenFlow's correspondences use, the source branch's input tokens at that layer and step
-(no second model), so the selection follows the keyframes drawn at the step.
+AdaFlow scores once per step and resolution with DIFT features of the clean frames; by default each layer
+scores with the features TokenFlow's correspondences use, the source branch's input tokens at that layer and
+step (no second model), so the selection follows the keyframes drawn at the step. ``attention.slimming=
+reference`` is AdaFlow's own: the video features the adaptive keyframes were cut on (DIFT in
+``experiment=reference_adaflow``) resized to each resolution, scored once per step and resolution, and the
+budget taken as the plain top-k of the pooled tokens (:func:`reference_selection`; a keyframe's own tokens
+score 1 and come first except on exact ties).
 """
 from __future__ import annotations
 
@@ -54,6 +58,15 @@ def slim_selection(features: Tensor, budget: int) -> Tensor:
     for j in range(k):
         scores[j, j * s + own] = float("inf")  # own tokens first, whatever the ties
     return torch.topk(scores, budget, dim=1).indices.sort(dim=1).values
+
+
+def reference_selection(features: Tensor, budget: int) -> Tensor:
+    """AdaFlow's selection (``key_matching``): (K, budget) indices, the plain top-``budget`` pooled tokens by
+    :func:`slim_scores` for each keyframe of ``features`` (K, S, C), sorted ascending."""
+    k, s, _ = features.shape
+    if not 0 < budget <= k * s:
+        raise ValueError(f"a slimmed context of {budget} tokens must hold between 1 and all {k * s}")
+    return torch.topk(slim_scores(features), budget, dim=1).indices.sort(dim=1).values
 
 
 def gather_tokens(pool: Tensor, index: Tensor) -> Tensor:
