@@ -84,3 +84,25 @@ def test_the_estimate_counts_the_branches_an_edit_runs(variant, editor_name, set
     result = pipe(video, prompt, inversion_prompt="a wolf", progress=False)
     measured = result.unet_evaluations / (len(video.frames) * len(result.timesteps))
     assert measured == branches_per_frame(model, editor, propagator)
+
+
+def test_an_adaptive_cut_with_more_keyframes_than_assumed_is_checked_again(tiny, monkeypatch):
+    """The preflight assumes one adaptive clip per 8 frames; a cut into more clips re-runs the memory check with the
+    real count (and refuses if it no longer fits), a cut into fewer keeps the accepted shape."""
+    from tokenflow.cli import preflight
+    from tokenflow.core.attention import KeyframeAttention
+    from tokenflow.core.memory import RunShape
+    from tokenflow.errors import ConfigError
+
+    shape = RunShape(n_frames=400, height=512, width=512, n_timesteps=50, keyframes=50)
+    assert preflight.recheck_keyframes(tiny, shape, [[0, 9]] * 3) is shape
+    seen = []
+    monkeypatch.setattr(preflight, "check_run_memory", lambda model, s, what="": seen.append((s, what)))
+    again = preflight.recheck_keyframes(tiny, shape, [list(range(0, 400, 2))] * 2, KeyframeAttention(), "400 frames")
+    assert again.keyframes == again.held_keyframes == 200 and seen == [(again, "400 frames, 200 keyframes per step")]
+    bounded = preflight.recheck_keyframes(tiny, shape, [list(range(0, 400, 2))], KeyframeAttention(context="anchors"))
+    assert (bounded.keyframes, bounded.held_keyframes, bounded.anchors) == (4, 9, 4)
+    monkeypatch.undo()
+    monkeypatch.setattr(preflight, "free_host_memory", lambda: 2**30)  # 1 GiB free: 200 keyframes at 512² cannot fit
+    with pytest.raises(ConfigError, match="200 keyframes per step"):
+        preflight.recheck_keyframes(tiny, shape, [list(range(0, 400, 2))], KeyframeAttention(), "400 frames")

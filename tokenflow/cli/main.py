@@ -69,7 +69,7 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
     """Settings, the clip's header, the run's parts, the model and the memory check; then read the video.
 
     ``parts()`` builds the run's inverter (and editor, propagator, keyframes); ``models`` keeps loaded models
-    for the next job (None: load). Returns (model, video, parts).
+    for the next job (None: load). Returns (model, video, parts, the run shape the memory check accepted).
     """
     from tokenflow.cli.config import build
     from tokenflow.storage.video import read_video
@@ -111,7 +111,7 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
                         "model": model.identity, "model_fingerprint": model.fingerprint,
                         "device": str(model.device), "dtype": str(model.dtype).replace("torch.", ""),
                         "memory_estimate": estimate.as_dict()})
-    return model, video, built
+    return model, video, built, shape
 
 
 def _open_cache(cfg: DictConfig, ranks: Ranks):
@@ -137,7 +137,7 @@ def run_invert(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo 
 
     t0 = time.perf_counter()
     ranks = Ranks.current()
-    model, video, parts = _prepare(cfg, report, out, lambda: {"inverter": build(cfg.inverter)}, models)
+    model, video, parts, _ = _prepare(cfg, report, out, lambda: {"inverter": build(cfg.inverter)}, models)
     t1 = time.perf_counter()
     inversion, hit = invert_video(model, video, parts["inverter"], cfg.inversion_prompt, _open_cache(cfg, ranks),
                                   cfg.progress)
@@ -181,7 +181,7 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
     t0 = time.perf_counter()
     ranks = Ranks.current()  # the pipeline shares the work among the processes of a torchrun launch
     suite = build_suite(OmegaConf.to_container(cfg.metrics, resolve=True))  # a bad metric setting fails before any work
-    model, video, p = _prepare(cfg, report, out, parts, models)
+    model, video, p, shape = _prepare(cfg, report, out, parts, models)
     pipe = TokenFlowPipeline(model, p["editor"], p["propagator"], p["keyframes"], p["inverter"], n_steps=cfg.n_steps,
                              chunk_size=cfg.chunk_size, cache=_open_cache(cfg, ranks), attention=p["attention"],
                              ranks=ranks)
@@ -189,8 +189,10 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
     with ExitStack() as outputs:
         sinks = [outputs.enter_context(VideoWriter(report.output("edited.mp4"), video.fps)),
                  outputs.enter_context(FrameWriter(report.output("frames")))] if ranks.main else []
+        what = f"{video.n_frames} frames at {video.height}x{video.width}"
+        recheck = lambda schedule: preflight.recheck_keyframes(model, shape, schedule, p["attention"], what)  # noqa: E731
         result = pipe(video, cfg.prompt, negative_prompt(cfg, p["inverter"]), cfg.inversion_prompt,
-                      progress=cfg.progress, output=sinks, keep_frames=keep)
+                      progress=cfg.progress, output=sinks, keep_frames=keep, on_schedule=recheck)
     shares = {name: ranks.gather(value) for name, value in (("inversion_frames", result.timings["inversion_frames"]),
                                                             ("inversion_cache_hit", result.timings["inversion_cache_hit"]),
                                                             ("unet_evaluations", result.unet_evaluations))}

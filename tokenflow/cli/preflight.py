@@ -112,17 +112,40 @@ def run_shape(cfg: DictConfig, model: Any, plan: SizePlan, n_frames: int, invert
     if editor is None:  # invert + reconstruct: one branch, no keyframes
         return RunShape(n_frames, plan.height, plan.width, kept, 1, 0, batch, batch, model.vae_batch,
                         model.device.type == "cuda")
-    joint = held = anchors = 0
-    if propagator.uses_keyframes:
-        joint = held = keyframes.bound(cfg.n_steps, n_frames)
-        if attention is not None and attention.bounded:  # anchors jointly; then segments of keyframes
-            anchors = min(attention.anchors, joint)
-            held = min(joint, attention.segment + anchors + 1)
-            joint = anchors
+    joint, held, anchors = keyframe_counts(keyframes.bound(cfg.n_steps, n_frames) if propagator.uses_keyframes else 0,
+                                           attention)
     keep_frames = bool(cfg.get("metrics") and any(k != "_target_" for k in cfg.metrics))  # scored: frames gathered
     return RunShape(n_frames, plan.height, plan.width, kept, branches_per_frame(model, editor, propagator), joint, cfg.chunk_size, batch,
                     model.vae_batch, model.device.type == "cuda", held_keyframes=held, anchors=anchors,
                     keep_frames=keep_frames)
+
+
+def keyframe_counts(keyframes: int, attention: Any = None) -> tuple[int, int, int]:
+    """(keyframes edited jointly in one call, keyframes whose tokens are held, anchors) for a step with
+    ``keyframes`` keyframes under ``attention`` (anchors jointly, then segments of keyframes when bounded)."""
+    joint = held = int(keyframes)
+    anchors = 0
+    if attention is not None and attention.bounded and joint:
+        anchors = min(attention.anchors, joint)
+        held = min(joint, attention.segment + anchors + 1)
+        joint = anchors
+    return joint, held, anchors
+
+
+def recheck_keyframes(model: Any, shape: RunShape, schedule: list[list[int]], attention: Any = None,
+                      what: str = "") -> RunShape:
+    """After a data-dependent keyframe schedule is drawn (adaptive clips): refuse the run, as before it started, if
+    its most keyframes in a step exceed what the preflight assumed and the estimate no longer fits; the shape the
+    run has."""
+    most = max((len(k) for k in schedule), default=0)
+    joint, held, anchors = keyframe_counts(most, attention)
+    if joint <= shape.keyframes and held <= (shape.held_keyframes or shape.keyframes) and anchors <= shape.anchors:
+        return shape
+    actual = dataclasses.replace(shape, keyframes=joint, held_keyframes=held, anchors=anchors)
+    log.info("the adaptive cut gave %d keyframes per step (the preflight assumed %d): estimate checked again", most,
+             shape.held_keyframes or shape.keyframes)
+    check_run_memory(model, actual, f"{what}, {most} keyframes per step" if what else f"{most} keyframes per step")
+    return actual
 
 
 def branches_per_frame(model: Any, editor: Any, propagator: Any) -> int:

@@ -14,7 +14,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -358,13 +358,15 @@ class TokenFlowPipeline:
     def edit(self, inversion: InversionResult, prompt: str, negative_prompt: str = "", inversion_prompt: str | None = None,
              progress: bool = True, on_match: CorrespondenceCallback | None = None,
              video: Video | None = None, output: FrameSink | Sequence[FrameSink] = (),
-             keep_frames: bool = True) -> EditResult:
+             keep_frames: bool = True, on_schedule: Callable[[list[list[int]]], None] | None = None) -> EditResult:
         """Edit from an existing inversion; returns decoded frames and what was done.
 
         ``video``: the input frames, for propagators that read pixels (optical flow); optional.
         ``output``: sinks (e.g. a ``VideoWriter`` and a ``FrameWriter``) given the frames as they are decoded,
         ``model.vae_batch`` at a time; with ``keep_frames=False`` the frames are not gathered (``frames`` is
         None) and decoding needs memory for one batch only, whatever the video's length.
+        ``on_schedule``: called with the keyframes of every step once they are drawn, before the first step (e.g.
+        to check memory again after an adaptive cut; it may raise to stop the run).
         """
         levels = self.sampler.grid(self.n_steps, image_seq_len(self.model, tuple(inversion.clean.shape[-2:])))
         grid = levels.timesteps
@@ -384,6 +386,8 @@ class TokenFlowPipeline:
         x = self.editor.initial_latents(inputs, timesteps).to(self.model.device, torch.float32)  # on the device: no
         # host round trip per UNet call
         schedule, features, clips = self._keyframe_schedule(inversion, inputs.inversion_prompt, path, video)
+        if on_schedule is not None:
+            on_schedule(schedule)
         latent_hw = (int(x.shape[-2]), int(x.shape[-1]))
         self.propagator.prepare(PropagationInputs(
             self.model, inversion, timesteps, schedule, latent_hw, None if video is None else video.frames,
@@ -440,9 +444,10 @@ class TokenFlowPipeline:
 
     def __call__(self, video: Video, prompt: str, negative_prompt: str = "", inversion_prompt: str = "",
                  progress: bool = True, on_match: CorrespondenceCallback | None = None,
-                 output: FrameSink | Sequence[FrameSink] = (), keep_frames: bool = True) -> EditResult:
+                 output: FrameSink | Sequence[FrameSink] = (), keep_frames: bool = True,
+                 on_schedule: Callable[[list[list[int]]], None] | None = None) -> EditResult:
         """Invert ``video`` (cached; the trajectory on disk) and edit it towards ``prompt`` (``output``,
-        ``keep_frames``: see :meth:`edit`)."""
+        ``keep_frames``, ``on_schedule``: see :meth:`edit`)."""
         check_pairing(self.editor, self.model, self.sampler)  # before the inversion: a model the editor
         self.editor.check(self.model)  # cannot drive fails at once
         t0 = time.perf_counter()
@@ -453,7 +458,7 @@ class TokenFlowPipeline:
             inversion, hit, inverted = InversionResult.clean_only(encode_video(self.model, video), inversion_prompt), False, 0
         t_inv = time.perf_counter() - t0
         result = self.edit(inversion, prompt, negative_prompt, inversion_prompt, progress, on_match, video=video,
-                           output=output, keep_frames=keep_frames)
+                           output=output, keep_frames=keep_frames, on_schedule=on_schedule)
         result.timings = {"inversion_s": t_inv, "inversion_cache_hit": float(hit), "inversion_frames": float(inverted),
                           **result.timings}
         return result
