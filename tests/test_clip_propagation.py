@@ -120,33 +120,39 @@ def test_reference_slimming_is_adaflows_key_matching():
 
 
 def test_reference_dift_is_sdfeaturizer(tiny):
-    """dift_encode=reference: frames in [0, 1] into the VAE, its posterior sampled for each ensemble copy, DDPM
-    add_noise at t, decoder block 2's output averaged — written with diffusers' own sample() and add_noise()."""
+    """dift_encode=reference: SDFeaturizer's own steps — the frame in [0, 1] (no 2x - 1) repeated over the ensemble into
+    the VAE, ``latent_dist.sample()``, ``randn_like`` noise (its draws follow the VAE output's memory layout),
+    diffusers' ``add_noise`` at t, decoder block 2's output averaged — on the global RNG seeded as AdaFlow's
+    ``seed_everything`` does (the CPU generator the library seeds draws the same sequence)."""
     from diffusers import DDIMScheduler
 
     g = np.random.default_rng(0)
     frames = g.integers(0, 256, size=(2, 32, 48, 3), dtype=np.uint8)
     got = dift_features(tiny, None, up_block=2, t=3, ensemble=2, seed=7, encode="reference", frames=frames)
     scheduler = DDIMScheduler.from_config(tiny.scheduler.config)
-    draws = torch.Generator().manual_seed(7)
     text = tiny.encode_text("").hidden
     want = []
-    for frame in frames:
-        img = torch.from_numpy(frame).permute(2, 0, 1)[None].float().div(255).repeat(2, 1, 1, 1)  # AdaFlow: no 2x - 1
-        outs = []
-        handle = tiny.unet.up_blocks[2].register_forward_hook(lambda m, a, o: outs.append(o))
-        try:
-            with torch.no_grad():
-                latents = tiny.vae.encode(img).latent_dist.sample(generator=draws) * tiny.vae.config.scaling_factor
-                noise = torch.randn(latents.shape, generator=draws)
-                noisy = scheduler.add_noise(latents, noise, torch.tensor(3))
-                tiny.unet(noisy, torch.tensor(3), encoder_hidden_states=text.repeat(2, 1, 1))
-        finally:
-            handle.remove()
-        want.append(outs[0].mean(0, keepdim=True).permute(0, 2, 3, 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        for frame in frames:
+            img = torch.from_numpy(frame).permute(2, 0, 1).float().div(255).repeat(2, 1, 1, 1)
+            outs = []
+            handle = tiny.unet.up_blocks[2].register_forward_hook(lambda m, a, o: outs.append(o))
+            try:
+                with torch.no_grad():
+                    latents = tiny.vae.encode(img).latent_dist.sample() * tiny.vae.config.scaling_factor
+                    noise = torch.randn_like(latents)
+                    noisy = scheduler.add_noise(latents, noise, torch.tensor(3))
+                    tiny.unet(noisy, torch.tensor(3), encoder_hidden_states=text.repeat(2, 1, 1))
+            finally:
+                handle.remove()
+            want.append(outs[0].mean(0, keepdim=True).permute(0, 2, 3, 1))
     want = torch.cat(want)
     assert got.shape == want.shape == (2, 4, 6, want.shape[-1])
     assert torch.allclose(got, want, atol=1e-5)
+    mean_encoded = dift_features(tiny, tiny.encode_images(torch.from_numpy(frames).permute(0, 3, 1, 2) / 127.5 - 1),
+                                 up_block=2, t=3, ensemble=2, seed=7)
+    assert not torch.allclose(mean_encoded, want, atol=1e-3)  # the default encoding is a different recipe
     with pytest.raises(ConfigError, match="input frames"):
         dift_features(tiny, torch.zeros(1, 4, 4, 4), encode="reference")
 

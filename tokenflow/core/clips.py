@@ -109,9 +109,10 @@ def dift_features(model: Any, latents: Tensor | None, up_block: int = 2, t: int 
     ``encode="mean"``: the run's clean ``latents`` (N, C, h, w), ``batch`` frames per call, draws from a CPU
     generator seeded with ``seed``. ``encode="reference"``: AdaFlow's SDFeaturizer exactly — the input ``frames``
     (N, H, W, 3) uint8 scaled to [0, 1] (not [-1, 1]) go through the VAE, whose posterior is *sampled* for each of
-    the ``ensemble`` copies; then the noise draw; both from one generator on the model's device seeded with
-    ``seed`` (AdaFlow's draws are the first on the device after ``seed_everything``), frame by frame, one call of
-    ``ensemble`` copies per frame."""
+    the ``ensemble`` copies (encoded as one batch); then the noise, drawn as ``randn_like`` does, in the memory
+    layout the VAE hands back (channels-last on CPU: the same draws land on other elements than a contiguous
+    ``randn``); both from one generator on the model's device seeded with ``seed`` (AdaFlow's draws are the first
+    on the device after ``seed_everything``), frame by frame, one call of ``ensemble`` copies per frame."""
     encode = DiftEncoding(encode)
     unet = getattr(model, "unet", None)
     blocks = getattr(unet, "up_blocks", None)
@@ -146,11 +147,9 @@ def dift_features(model: Any, latents: Tensor | None, up_block: int = 2, t: int 
                 generator = torch.Generator(model.device).manual_seed(int(seed))
                 for frame in frames:
                     image = torch.from_numpy(frame).permute(2, 0, 1)[None].to(model.device, model.vae_dtype) / 255
-                    posterior = model.vae.encode(image).latent_dist
-                    shape = (int(ensemble), *posterior.mean.shape[1:])
-                    draw = torch.randn(shape, generator=generator, device=model.device, dtype=posterior.mean.dtype)
-                    z0 = (posterior.mean + posterior.std * draw) * model.latent_scale
-                    noise = torch.randn(shape, generator=generator, device=model.device, dtype=z0.dtype)
+                    copies = image.repeat(int(ensemble), 1, 1, 1)  # encoded as a batch, as SDFeaturizer does: the
+                    z0 = model.vae.encode(copies).latent_dist.sample(generator) * model.latent_scale  # VAE's output
+                    noise = torch.empty_like(z0).normal_(generator=generator)  # layout orders the draw (randn_like)
                     z = alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * noise
                     out.append(block_output(z).mean(0, keepdim=True).permute(0, 2, 3, 1).cpu())
             else:
