@@ -3,6 +3,9 @@ published (run.py ``get_matching`` / ``key_matching``, adaflow_utils.py's gather
 against diffusers' own pieces; and the three together through the pipeline."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -178,3 +181,51 @@ def test_adaflow_recipe_through_the_pipeline(tiny):
     with pytest.raises(ConfigError, match="slimming=reference"):
         TokenFlowPipeline(tiny, PnPEditor(), TokenFlowPropagator(), FixedKeyframes([0]), n_steps=2,
                           attention=KeyframeAttention(slimming="reference")).edit(inversion, "x", progress=False)
+
+
+# ---- AdaFlow's own code, run on the same tiny weights -----------------------------------------------------------------
+GOLDEN = Path(__file__).resolve().parent / "data" / "adaflow-d20a2c6-tiny"
+
+
+def golden_frames() -> np.ndarray:
+    """(9, 64, 256, 3) uint8: three unrelated translating textures of three frames each (non-square: AdaFlow resizes
+    square frames to 512x512)."""
+    return np.concatenate([translation_clip(n=3, size=256, shift=8, seed=s).frames[:, :64] for s in range(3)])
+
+
+def test_reference_adaflow_reproduces_adaflows_code(tiny):
+    """experiment=reference_adaflow against AdaFlow's own run.py (d20a2c6, CPU/fp32, diffusers 0.29.2) on the same
+    tiny weights and frames, recorded in tests/data (how: docs/reference.md): the same clips and pivotal draws, the
+    edited latents within 5e-4 (measured 7e-5) and the frames within 1/255 after the same truncation. Five clips
+    against max_kv_size 2, so the keyframe pass is slimmed and clips span chunk passes."""
+    from hydra import compose, initialize_config_module
+    from safetensors.torch import load_file
+
+    import tokenflow.cli.config  # noqa: F401
+    from tokenflow.cli.config import build
+    from tokenflow.models.tiny import TinyModelSpec
+
+    meta = json.loads(GOLDEN.with_suffix(".json").read_text())
+    assert TinyModelSpec().key() == meta["tiny_model_key"], "the tiny model changed: record AdaFlow's run again"
+    theirs = load_file(str(GOLDEN.with_suffix(".safetensors")))["final_latents"]
+    s = meta["settings"]
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
+        cfg = compose(config_name="edit", overrides=[
+            "experiment=reference_adaflow", "video=x.mp4", f"height={s['H']}", f"width={s['W']}",
+            f"n_steps={s['n_timesteps']}", f"inverter.n_steps={s['n_inversion_steps']}",
+            f"keyframes.mean_threshold={s['similarity_mean_threshold']}",
+            f"keyframes.region_threshold={s['similarity_region_threshold']}",
+            f"attention.max_kv_frames={s['max_kv_size']}", f"chunk_size={2 * s['max_kv_size']}"])
+    video = Video(frames=golden_frames(), fps=10.0)
+    inverter, keyframes = build(cfg.inverter), build(cfg.keyframes)
+    pipe = TokenFlowPipeline(tiny, build(cfg.editor), build(cfg.propagator), keyframes, inverter, n_steps=cfg.n_steps,
+                             chunk_size=cfg.chunk_size, attention=build(cfg.attention))
+    inversion, _ = invert_video(tiny, video, inverter, meta["inversion_prompt"], progress=False)
+    seen = []
+    result = pipe.edit(inversion, s["prompt"], s["negative_prompt"], meta["inversion_prompt"], progress=False,
+                       video=video, on_schedule=seen.append)
+    assert result.keyframes == [meta["all_pivotal_idx"][str(t)] for t in result.timesteps] == seen[0]
+    assert len(meta["batch_begin_idx"]) == len(result.keyframes[0]) > s["max_kv_size"]
+    assert (result.latents - theirs).abs().max() < 5e-4
+    ours, ref = ((tiny.decode_latents(x) / 2 + 0.5).clamp(0, 1).mul(255).byte().int() for x in (result.latents, theirs))
+    assert (ours - ref).abs().max() <= 1
