@@ -417,3 +417,27 @@ def test_config_group_validates_keys():
         build(bad.propagator)
     with pytest.raises(ConfigError, match="no setting 'methd'"):
         build(typo.propagator)
+
+
+def test_the_border_rule_of_the_consistency_check_never_decides():
+    """consistent_pixels reads the reverse flow with BORDER_REPLICATE; the warp metric used to read it with
+    BORDER_CONSTANT. Samples past the frame fail `inside`, so both rules give the same pixels (random flows that
+    reach well past every edge)."""
+    import cv2
+
+    from tokenflow.core.optical_flow import UNFLOW_ALPHA, UNFLOW_BETA
+
+    rng = np.random.default_rng(0)
+    h, w = 24, 32
+    for _ in range(5):
+        shift = rng.uniform(-6, 6, 2)  # a translation (past the edges) with noise: most pixels consistent, not all
+        fwd = (shift + rng.normal(0, 0.4, (h, w, 2))).astype(np.float32)
+        bwd = (-shift + rng.normal(0, 0.4, (h, w, 2))).astype(np.float32)
+        gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+        mx, my = gx + fwd[..., 0], gy + fwd[..., 1]
+        back = cv2.remap(bwd, mx, my, interpolation=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+        sq = lambda f: (f ** 2).sum(-1)  # noqa: E731
+        constant = (sq(fwd + back) < UNFLOW_ALPHA * (sq(fwd) + sq(back)) + UNFLOW_BETA) & \
+            (mx >= 0) & (mx <= w - 1) & (my >= 0) & (my <= h - 1)
+        got = consistent_pixels(fwd, bwd)
+        assert np.array_equal(got, constant) and 0.2 < got.mean() < 0.9

@@ -41,6 +41,7 @@ from einops import rearrange
 from safetensors.torch import save_file
 from torch import Tensor
 
+from tokenflow.core.optical_flow import UNFLOW_ALPHA, UNFLOW_BETA, FlowMethod, consistent_pixels, optical_flow
 from tokenflow.core.propagation import PropagationInputs, PropagationQuery, Propagator, paper_blend
 from tokenflow.errors import ConfigError, VideoError
 from tokenflow.options import choice
@@ -50,11 +51,6 @@ from tokenflow.storage.atomic import atomic_file, read_safetensors
 log = logging.getLogger(__name__)
 FLOW_CACHE_FORMAT = 1
 Pair = tuple[int, int]  # (frame, keyframe), global indices
-
-
-class FlowMethod(str, Enum):
-    dis = "dis"               # cv2 DIS optical flow, medium preset
-    farneback = "farneback"   # cv2.calcOpticalFlowFarneback (pyramid 0.5 × 5 levels, window 15)
 
 
 class Fallback(str, Enum):
@@ -81,33 +77,10 @@ class OpenCVFlow:
         return {"estimator": "opencv", "version": cv2.__version__, "method": self.method.value}
 
     def __call__(self, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
-        a, b = (cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in (src, dst))
-        if self.method == FlowMethod.dis:
-            flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(a, b, None)
-        else:
-            flow = cv2.calcOpticalFlowFarneback(a, b, None, pyr_scale=0.5, levels=5, winsize=15, iterations=3,
-                                                poly_n=5, poly_sigma=1.2, flags=0)
-        return np.asarray(flow, dtype=np.float32)
+        return optical_flow(src, dst, self.method)
 
 
 # ---- pure functions: consistency, resampling, sampling grid ---------------------------------------
-def consistent_pixels(forward: np.ndarray, backward: np.ndarray, alpha: float = 0.01, beta: float = 0.5) -> np.ndarray:
-    """Pixels of the source frame whose flow passes the forward-backward check and lands inside, (H, W) bool.
-
-    forward (H, W, 2): source → target on the source grid; backward (H, W, 2): target → source on the
-    target grid, read bilinearly at ``p + forward(p)``.
-    """
-    h, w = forward.shape[:2]
-    gx, gy = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    map_x, map_y = gx + forward[..., 0], gy + forward[..., 1]
-    back = cv2.remap(np.ascontiguousarray(backward), map_x, map_y, interpolation=cv2.INTER_LINEAR,
-                     borderMode=cv2.BORDER_REPLICATE)
-    sq = lambda f: (f ** 2).sum(-1)  # noqa: E731
-    ok = sq(forward + back) < alpha * (sq(forward) + sq(back)) + beta
-    inside = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
-    return ok & inside
-
-
 def resample_flow(flow: Tensor, grid: tuple[int, int]) -> Tensor:
     """Flow (2, H, W) in cells of its own grid → (2, h, w) in cells of ``grid``: mean over each cell's area.
 
@@ -134,8 +107,8 @@ class FlowPropagatorConfig:
     method: FlowMethod = FlowMethod.dis       # optical flow of the input video: dis | farneback
     fallback: Fallback = Fallback.blend       # a token inconsistent with every keyframe it blends: blend | nearest
     min_consistent: float = 0.5               # a token is consistent when >= this fraction of its pixels are (0: no check)
-    alpha: float = 0.01                       # forward-backward check |f + b|² < alpha (|f|² + |b|²) + beta (UnFlow)
-    beta: float = 0.5                         # in pixels²
+    alpha: float = UNFLOW_ALPHA               # forward-backward check |f + b|² < alpha (|f|² + |b|²) + beta (UnFlow)
+    beta: float = UNFLOW_BETA                 # in pixels²
     cache: bool = True                        # keep flows on disk, keyed by the frames' content and these settings
     cache_dir: Optional[str] = None           # None: the library cache dir (flows go to <cache_dir>/flow)
 

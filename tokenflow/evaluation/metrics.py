@@ -17,11 +17,11 @@ import cv2
 import numpy as np
 import torch
 
+from tokenflow.core.optical_flow import UNFLOW_ALPHA, UNFLOW_BETA, FlowMethod, gray_frame, consistent_pixels, optical_flow
 from tokenflow.errors import ConfigError, VideoError
 
-FLOW_METHODS = ("farneback", "dis")
-UNFLOW_ALPHA = 0.01
-UNFLOW_BETA = 0.5
+FLOW_METHODS = tuple(m.value for m in FlowMethod)
+__all__ = ["optical_flow", "consistent_pixels", "UNFLOW_ALPHA", "UNFLOW_BETA", "FLOW_METHODS"]  # re-exported here
 
 
 def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range: float = 255.0) -> float:
@@ -44,25 +44,6 @@ def psnr(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor, data_range:
     if finite.size == 0:
         return float("inf")
     return float(np.mean(10.0 * np.log10(data_range**2 / finite)))
-
-
-def optical_flow(src_frame: np.ndarray, dst_frame: np.ndarray, method: str = "farneback") -> np.ndarray:
-    """Dense flow (H, W, 2) float32 (dx, dy) from ``src_frame`` to ``dst_frame``, on grayscale.
-
-    Frames are (H, W, 3) uint8 RGB or (H, W) uint8 gray; ``src(p) ~ dst(p + flow(p))``.
-    ``method``: "farneback" (cv2.calcOpticalFlowFarneback) or "dis" (cv2 DIS, medium preset).
-    """
-    src, dst = _gray(src_frame), _gray(dst_frame)
-    if src.shape != dst.shape:
-        raise VideoError(f"flow frames differ in size: {src.shape} vs {dst.shape} — resize them to match")
-    if method == "farneback":
-        flow = cv2.calcOpticalFlowFarneback(src, dst, None, pyr_scale=0.5, levels=5, winsize=15,
-                                            iterations=3, poly_n=5, poly_sigma=1.2, flags=0)
-    elif method == "dis":
-        flow = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM).calc(src, dst, None)
-    else:
-        raise ConfigError(f"flow method={method!r} is unknown — use one of {', '.join(FLOW_METHODS)}")
-    return np.asarray(flow, dtype=np.float32)
 
 
 def warp_metric_name(method: str = "farneback") -> str:
@@ -98,11 +79,7 @@ def warp_error(edited: Any, source: Any, method: str = "farneback") -> dict[str,
         f_bwd = optical_flow(src[t + 1], src[t], method)  # on t+1's grid
         map_x, map_y = grid_x + f_bwd[..., 0], grid_y + f_bwd[..., 1]
         warped = _remap(ed[t].astype(np.float32) / 255.0, map_x, map_y)
-        f_fwd_w = _remap(f_fwd, map_x, map_y)
-        lhs = _sq_norm(f_bwd + f_fwd_w)
-        consistent = lhs < UNFLOW_ALPHA * (_sq_norm(f_bwd) + _sq_norm(f_fwd_w)) + UNFLOW_BETA
-        inside = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
-        valid = consistent & inside
+        valid = consistent_pixels(f_bwd, f_fwd, UNFLOW_ALPHA, UNFLOW_BETA)  # on t+1's grid
         occluded.append(1.0 - float(valid.mean()))
         if valid.any():
             diff = warped - ed[t + 1].astype(np.float32) / 255.0
@@ -211,7 +188,7 @@ def good_features(frame: np.ndarray, max_points: int = 400, mask: np.ndarray | N
     """(P, 2) float32 (x, y) Shi-Tomasi corners of an (H, W, 3) uint8 frame (``cv2.goodFeaturesToTrack``,
     quality 0.01, min distance 5 px, block 7), optionally only where ``mask`` (H, W) is True."""
     m = None if mask is None else np.asarray(mask, bool).astype(np.uint8) * 255
-    pts = cv2.goodFeaturesToTrack(_gray(frame), maxCorners=max_points, qualityLevel=0.01, minDistance=5,
+    pts = cv2.goodFeaturesToTrack(gray_frame(frame), maxCorners=max_points, qualityLevel=0.01, minDistance=5,
                                   blockSize=7, mask=m)
     return np.zeros((0, 2), np.float32) if pts is None else pts.reshape(-1, 2).astype(np.float32)
 
@@ -232,9 +209,9 @@ def lk_tracks(frames: Any, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return tracks, valid
     lk = dict(winSize=(LK_WINDOW, LK_WINDOW), maxLevel=LK_LEVELS,
               criteria=(cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 30, 0.01))
-    prev = _gray(video[0])
+    prev = gray_frame(video[0])
     for t in range(1, n):
-        cur = _gray(video[t])
+        cur = gray_frame(video[t])
         p0 = tracks[t - 1].reshape(-1, 1, 2)
         p1, ok1, _ = cv2.calcOpticalFlowPyrLK(prev, cur, p0, None, **lk)
         back, ok2, _ = cv2.calcOpticalFlowPyrLK(cur, prev, p1, None, **lk)
@@ -294,17 +271,6 @@ def _frames(x: Any, name: str) -> np.ndarray:
     if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise VideoError(f"{name} must be (N, H, W, 3) uint8 frames, got shape {getattr(frames, 'shape', None)} dtype {getattr(frames, 'dtype', None)} — use Video.frames or frames_from_tensor")
     return frames
-
-
-def _gray(frame: np.ndarray) -> np.ndarray:
-    if frame.dtype != np.uint8 or frame.ndim not in (2, 3) or (frame.ndim == 3 and frame.shape[-1] != 3):
-        raise VideoError(f"flow needs (H, W, 3) or (H, W) uint8 frames, got shape {frame.shape} dtype {frame.dtype} — convert with .astype(np.uint8)")
-    return cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) if frame.ndim == 3 else frame
-
-
-def _sq_norm(flow: np.ndarray) -> np.ndarray:
-    """(H, W, 2) -> (H, W) squared flow magnitude."""
-    return (flow**2).sum(axis=-1)
 
 
 def _remap(img: np.ndarray, map_x: np.ndarray, map_y: np.ndarray) -> np.ndarray:

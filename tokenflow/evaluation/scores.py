@@ -27,7 +27,6 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
-from enum import Enum
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from tokenflow.core.optical_flow import FlowMethod
 from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
 from tokenflow.evaluation.metrics import (TRACK_METHOD, as_frames, as_masks, masked_psnr, masked_ssim, track_error,
                                           warp_error)
@@ -247,11 +247,6 @@ def flat_frames(frames: np.ndarray) -> bool:
 
 
 # --- weight-free metrics --------------------------------------------------------------------------
-
-
-class FlowMethod(str, Enum):
-    farneback = "farneback"   # cv2.calcOpticalFlowFarneback
-    dis = "dis"               # cv2 DIS optical flow, medium preset
 
 
 @dataclass
