@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step
+from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step, WrappingEditor
 from tokenflow.core.guidance import GuidedEditor
 from tokenflow.core.numerics import check_finite_setting
 from tokenflow.editors.conditions import Condition, condition_maps, input_frames
@@ -160,8 +160,9 @@ def load_controlnet(spec: ControlSpec, model, cache_dir: str | None = None, tiny
     return net.to(model.device).eval().requires_grad_(False)
 
 
-class ControlNetEditor(KeyframeEditor):
-    """A ``base`` editor (PnP or CFG) whose edit branches are steered by one or more ControlNets."""
+class ControlNetEditor(WrappingEditor):
+    """A ``base`` editor (PnP or CFG) whose edit branches are steered by one or more ControlNets; everything else
+    is the base editor's (:class:`~tokenflow.core.editor.WrappingEditor`)."""
 
     families = ("unet",)  # ControlNet residuals enter the UNet's down/mid blocks
     Config = ControlNetConfig
@@ -170,15 +171,18 @@ class ControlNetEditor(KeyframeEditor):
         self.config = c = ControlNetConfig(**config)
         self.base: KeyframeEditor = (PnPEditor(guidance_scale=c.guidance_scale, pnp_f_t=c.pnp_f_t, pnp_attn_t=c.pnp_attn_t)
                                      if c.base is Base.pnp else CFGEditor(c.guidance_scale))
-        self.needs_source = self.base.needs_source
         self.controls: list[Control] = []
         self._nets: dict[tuple, torch.nn.Module] = {}  # loaded ControlNets, kept across runs on the same model
 
-    def prepare(self, inputs: EditInputs) -> None:
-        model = inputs.model
+    def check(self, model) -> None:
         if model.is_sdxl:
             raise ConfigError("editor=controlnet drives SD 1.x/2.x ControlNets; SDXL ones are not supported yet — "
                               "use an SD 1.x/2.x model")
+        self.base.check(model)
+
+    def prepare(self, inputs: EditInputs) -> None:
+        model = inputs.model
+        self.check(model)
         self.base.prepare(inputs)
         frames = input_frames(inputs)
         self.controls = []
@@ -213,29 +217,3 @@ class ControlNetEditor(KeyframeEditor):
 
     def branches(self, step: Step) -> list[Branch]:
         return [replace(b, unet_inputs=self.residuals) if b.latents == "edit" else b for b in self.base.branches(step)]
-
-    # ---- everything else is the base editor's ---------------------------------------------------
-    def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
-        return self.base.guide(eps, step)
-
-    @property
-    def guidance_weight(self) -> float | None:
-        return self.base.guidance_weight
-
-    def timesteps(self, grid: list[int]) -> list[int]:
-        return self.base.timesteps(grid)
-
-    def branch_count(self, model, source: bool) -> int:
-        return self.base.branch_count(model, source)
-
-    def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
-        return self.base.initial_latents(inputs, timesteps)
-
-    def self_attention(self, layer: str, q: Tensor, k: Tensor, v: Tensor, step: Step):
-        return self.base.self_attention(layer, q, k, v, step)
-
-    def install(self, unet: torch.nn.Module, layout, step_ref) -> list:
-        return self.base.install(unet, layout, step_ref)
-
-    def step_end(self, latents: Tensor, step: Step) -> Tensor:
-        return self.base.step_end(latents, step)

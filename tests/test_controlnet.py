@@ -258,3 +258,62 @@ def test_cli_runs_editor_controlnet_on_the_tiny_model(tmp_path, cache_dir):
     report = json.loads(next(tmp_path.glob("**/metrics.json")).read_text())  # the run report
     assert report["status"] == "ok" and report["info"]["n_frames"] == 2
     assert report["metrics"]["unet_evaluations"] == 2 * 3 * 2  # 2 steps x (source, uncond, cond) x 2 frames
+
+
+def test_the_wrapping_editor_forwards_the_whole_interface():
+    """Every method and property of KeyframeEditor reaches the base editor through WrappingEditor (ControlNet's
+    base): a method added to the interface and not forwarded there fails this (ControlNet once forgot check() and
+    source_branch())."""
+    import inspect
+
+    from tokenflow import KeyframeEditor, WrappingEditor
+
+    calls = []
+
+    class Recorder(KeyframeEditor):
+        needs_source, needs_inversion = True, False
+
+        def __getattribute__(self, name):
+            value = object.__getattribute__(self, name)
+            if callable(value) and not name.startswith("__"):
+                def record(*args, **kwargs):
+                    calls.append(name)
+                    return name
+                return record
+            if name == "guidance_weight":
+                calls.append(name)
+            return value
+
+        prepare = branches = guide = lambda *a: None  # noqa: E731
+
+    class Wrapper(WrappingEditor):
+        def __init__(self, base):
+            self.base = base
+
+    wrapper = Wrapper(Recorder())
+    interface = [n for n, v in inspect.getmembers(KeyframeEditor) if not n.startswith("_")
+                 and (callable(v) or isinstance(v, property))]
+    for name in interface:
+        if name in ("needs_source", "needs_inversion", "families", "samplers"):
+            continue
+        attr = getattr(Wrapper, name)
+        assert attr is not getattr(KeyframeEditor, name), f"WrappingEditor does not forward {name}"
+        if isinstance(attr, property):
+            getattr(wrapper, name)
+        else:
+            n_args = len(inspect.signature(getattr(KeyframeEditor, name)).parameters) - 1
+            calls.clear()
+            result = getattr(wrapper, name)(*[None] * n_args)
+            returns = inspect.signature(getattr(KeyframeEditor, name)).return_annotation not in ("None", None)
+            assert calls == [name] and result == (name if returns else None), name  # the base's result handed back
+            continue
+        assert calls[-1] == name, name
+    assert wrapper.needs_source is True and wrapper.needs_inversion is False
+
+
+def test_controlnet_refuses_sdxl_before_any_inversion(cache_dir):
+    class SDXL:
+        is_sdxl = True
+
+    with pytest.raises(ConfigError, match="SDXL"):
+        ControlNetEditor(controlnets={"c": {"source": "tiny"}}, cache_dir=str(cache_dir)).check(SDXL())

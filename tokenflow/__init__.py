@@ -4,7 +4,7 @@ Everything a research script needs is importable from here; backends live in ``t
 """
 from tokenflow.core.attention import KeyframeAttention
 from tokenflow.core.distributed import Ranks
-from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step
+from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step, WrappingEditor
 from tokenflow.core.flow_propagation import FlowPropagator
 from tokenflow.core.guidance import GuidedEditor, UnconditionalEmbedding, cfg
 from tokenflow.core.inversion import DDIMInverter, Inverter, reconstruct, sample
@@ -32,5 +32,4 @@ __all__ = [
     "TensorTrajectory", "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "Trajectory", "UNetLayout",
     "UnconditionalEmbedding", "Video", "VideoWriter",
     "VideoError", "cfg", "from_pipeline", "invert_video", "load_model", "read_video", "reconstruct", "sample",
-    "sample_with_null_text", "write_frames", "write_video",
-]
+    "sample_with_null_text", "write_frames", "write_video", "WrappingEditor"]

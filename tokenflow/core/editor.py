@@ -206,6 +206,62 @@ class KeyframeEditor(ABC):
         return None
 
 
+class WrappingEditor(KeyframeEditor):
+    """An editor that adds to a ``base`` editor (e.g. ControlNet residuals on PnP): every part of the interface a
+    subclass does not override is the base's. The forwarding is written once, here, for the whole
+    :class:`KeyframeEditor` interface (tests/test_controlnet.py checks that no method is left out)."""
+
+    base: KeyframeEditor
+
+    @property
+    def needs_source(self) -> bool:  # type: ignore[override]
+        return self.base.needs_source
+
+    @property
+    def needs_inversion(self) -> bool:  # type: ignore[override]
+        return self.base.needs_inversion
+
+    def prepare(self, inputs: EditInputs) -> None:
+        self.base.prepare(inputs)
+
+    def branches(self, step: Step) -> list[Branch]:
+        return self.base.branches(step)
+
+    def guide(self, eps: dict[str, Tensor], step: Step) -> Tensor:
+        return self.base.guide(eps, step)
+
+    def check(self, model) -> None:
+        self.base.check(model)
+
+    def source_settings(self) -> dict[str, Any] | None:
+        return self.base.source_settings()
+
+    def source_branch(self, branch: Branch) -> Branch:
+        return self.base.source_branch(branch)
+
+    def branch_count(self, model, source: bool) -> int:
+        return self.base.branch_count(model, source)
+
+    def timesteps(self, grid: list[int]) -> list[int]:
+        return self.base.timesteps(grid)
+
+    def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
+        return self.base.initial_latents(inputs, timesteps)
+
+    def self_attention(self, layer: str, q: Tensor, k: Tensor, v: Tensor, step: Step) -> tuple[Tensor, Tensor, Tensor]:
+        return self.base.self_attention(layer, q, k, v, step)
+
+    def install(self, unet: torch.nn.Module, layout, step_ref: Callable[[], Step | None]) -> list:
+        return self.base.install(unet, layout, step_ref)
+
+    def step_end(self, latents: Tensor, step: Step) -> Tensor:
+        return self.base.step_end(latents, step)
+
+    @property
+    def guidance_weight(self) -> float | None:
+        return self.base.guidance_weight
+
+
 FAMILY_NAMES = {"unet": "an SD UNet (1.x/2.x/XL)", "mmdit": "an MMDiT transformer (SD 3/3.5, FLUX.1)"}
 
 
