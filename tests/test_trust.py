@@ -137,3 +137,19 @@ def test_the_metric_registry_names_every_shipped_metric():
         targets |= {v["_target_"] for v in node.values() if isinstance(v, dict)}
     names = {f"{c.__module__}.{c.__qualname__}" for c in METRIC_CLASSES.values()}
     assert targets and targets <= names and MetricSuite not in METRIC_CLASSES.values()
+
+
+def test_library_error_finds_ours_in_a_wrapped_chain_and_stops_on_cycles():
+    from tokenflow.errors import ConfigError, chained, library_error
+
+    ours = ConfigError("editor.x=1 must be 2 — use 2")
+    try:
+        try:
+            raise ours
+        except ConfigError as e:
+            raise RuntimeError("Error in call to target 'X'") from e  # as Hydra's instantiate wraps it
+    except RuntimeError as wrapped:
+        assert library_error(wrapped) is ours and list(chained(wrapped))[-1] is ours
+    a, b = RuntimeError("a"), RuntimeError("b")
+    a.__cause__, b.__cause__ = b, a
+    assert library_error(a) is None and len(list(chained(a))) == 2

@@ -27,3 +27,19 @@ class NonFiniteError(TokenFlowError):
 
 class StorageError(TokenFlowError):
     """A folder the run needs cannot hold what it must write (full, read-only): names the folder and the fix."""
+
+
+def chained(error: BaseException | None):
+    """``error`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``), in
+    order; a cycle ends the chain."""
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def library_error(error: BaseException) -> TokenFlowError | None:
+    """The first :class:`TokenFlowError` in ``error``'s chain (e.g. a constructor's, wrapped by Hydra's
+    ``instantiate``), or None: raise it unwrapped so the user reads its one line."""
+    return next((e for e in chained(error) if isinstance(e, TokenFlowError)), None)

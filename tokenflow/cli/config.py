@@ -21,7 +21,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from tokenflow.errors import ConfigError, TokenFlowError
+from tokenflow.errors import ConfigError, chained, library_error
 
 
 log = logging.getLogger("tokenflow")
@@ -124,11 +124,9 @@ def build(node: DictConfig | dict, **extra: Any) -> Any:
     try:
         return instantiate(node, **extra)
     except Exception as e:  # hydra wraps constructor errors; surface ours (TokenFlowError) unwrapped
-        cause = e
-        while cause is not None and not isinstance(cause, TokenFlowError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
+        ours = library_error(e)
+        if ours is not None:
+            raise ours from None
         signature = _signature_error(e)
         if signature:  # a class without a Config dataclass given a setting it does not take
             raise ConfigError(f"{target}: {signature} — check its settings (given: "
@@ -155,14 +153,12 @@ def _enum_lists(schema: type) -> set[str]:
 
 def _signature_error(error: BaseException) -> str | None:
     """The TypeError of a call with wrong keyword arguments, if that is what ``error`` wraps."""
-    cause: BaseException | None = error
-    while cause is not None:
+    for cause in chained(error):
         if isinstance(cause, TypeError) and ("unexpected keyword argument" in str(cause)
                                              or "required positional argument" in str(cause)
                                              or "required keyword-only argument" in str(cause)
                                              or "takes no arguments" in str(cause)):
             return str(cause).splitlines()[0]
-        cause = cause.__cause__ or cause.__context__
     return None
 
 

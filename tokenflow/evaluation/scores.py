@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from tokenflow.core.optical_flow import FlowMethod
-from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
+from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError, library_error
 from tokenflow.evaluation.metrics import (TRACK_METHOD, as_frames, as_masks, masked_psnr, masked_ssim, track_error,
                                           warp_error)
 from tokenflow.options import choice
@@ -742,11 +742,9 @@ def build_suite(spec: str | Mapping | Any = DEFAULT_SUITE, overrides: Sequence[s
     try:
         suite = instantiate(resolved)
     except Exception as e:  # hydra wraps constructor errors; surface ours unwrapped
-        cause = e
-        while cause is not None and not isinstance(cause, TokenFlowError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise cause from None
+        ours = library_error(e)
+        if ours is not None:
+            raise ours from None
         raise
     if not isinstance(suite, MetricSuite):
         raise ConfigError(f"metrics config builds a {type(suite).__name__} — its _target_ must be "
