@@ -28,7 +28,7 @@ from tokenflow.core.numerics import check_finite_setting
 from tokenflow.editors.conditions import Condition, condition_maps, input_frames
 from tokenflow.editors.pnp import PnPEditor
 from tokenflow.errors import ConfigError, ModelLoadError
-from tokenflow.options import choice
+from tokenflow.options import choice, non_negative
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,7 @@ def _spec(name: str, spec: Any) -> ControlSpec:
             raise ConfigError(f"{key} has no setting {unknown[0]!r} — valid settings: {sorted(known)}")
         spec = ControlSpec(**spec)
     spec.condition = choice(Condition, spec.condition, f"{key}.condition")
-    if spec.scale < 0:
-        raise ConfigError(f"{key}.scale={spec.scale} must be >= 0 — 1.0 is the usual conditioning scale")
+    spec.scale = non_negative(spec.scale, f"{key}.scale", "1.0 is the usual conditioning scale")
     if not 0.0 <= spec.start < spec.end <= 1.0:
         raise ConfigError(f"{key}.start={spec.start}, end={spec.end} must satisfy 0 <= start < end <= 1 — "
                           "they are fractions of the denoising steps")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tokenflow.core.editor import Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import image_conditioning
-from tokenflow.core.numerics import check_finite_setting
+from tokenflow.options import non_negative
 from tokenflow.errors import ConfigError
 
 
@@ -28,8 +28,7 @@ class InstructPix2PixConfig:
 
     def __post_init__(self) -> None:
         for name in ("guidance_scale", "image_guidance_scale"):
-            if check_finite_setting(getattr(self, name), f"editor.{name}") < 0:
-                raise ConfigError(f"editor.{name}={getattr(self, name)} must be >= 0 — 7.5 and 1.5 are the usual values")
+            setattr(self, name, non_negative(getattr(self, name), f"editor.{name}", "7.5 and 1.5 are the usual values"))
 
 
 class InstructPix2PixEditor(KeyframeEditor):

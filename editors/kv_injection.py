@@ -23,9 +23,8 @@ from torch import Tensor
 
 from tokenflow.core.editor import SOURCE, Step
 from tokenflow.core.guidance import GuidedEditor
-from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout
-from tokenflow.options import choice
+from tokenflow.options import choice, fraction, non_negative
 
 
 class Inject(str, Enum):
@@ -42,10 +41,8 @@ class KVInjectionConfig:
                                            # None: the second half of the blocks / PnP's attention layers
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.inject_t <= 1.0:
-            raise ConfigError(f"editor.inject_t={self.inject_t} must be in [0, 1] — it is a fraction of the steps")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
+        self.inject_t = fraction(self.inject_t, "editor.inject_t", "a fraction of the steps")
+        self.guidance_scale = non_negative(self.guidance_scale, "editor.guidance_scale")
         self.inject = choice(Inject, self.inject, "editor.inject")
 
 

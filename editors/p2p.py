@@ -39,11 +39,10 @@ from enum import Enum
 
 from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.core.guidance import UnconditionalEmbedding, cfg
-from tokenflow.core.numerics import check_finite_setting
 from tokenflow.editors.p2p_align import equalizer, refinement_mapper, replacement_mapper, word_positions
 from tokenflow.editors.p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention
 from tokenflow.errors import ConfigError
-from tokenflow.options import choice
+from tokenflow.options import choice, fraction, non_negative
 
 
 class Mode(str, Enum):
@@ -68,12 +67,9 @@ class PromptToPromptConfig:
 
     def __post_init__(self) -> None:
         self.mode = choice(Mode, self.mode, "editor.mode")
-        for name in ("cross_replace_steps", "self_replace_steps"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"editor.{name}={v} must be in [0, 1] — it is a fraction of the denoising steps")
-        if check_finite_setting(self.guidance_scale, "editor.guidance_scale") < 0:
-            raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
+        self.cross_replace_steps = fraction(self.cross_replace_steps, "editor.cross_replace_steps")
+        self.self_replace_steps = fraction(self.self_replace_steps, "editor.self_replace_steps")
+        self.guidance_scale = non_negative(self.guidance_scale, "editor.guidance_scale")
         if not 0.0 <= self.blend_threshold < 1.0:
             raise ConfigError(f"editor.blend_threshold={self.blend_threshold} must be in [0, 1) — 0.3 is the usual value")
         for word, scale in self.equalizer.items():

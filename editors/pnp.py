@@ -20,8 +20,7 @@ from typing import Optional
 
 from tokenflow.core.editor import SOURCE, EditInputs, Step
 from tokenflow.core.guidance import GuidedEditor
-from tokenflow.errors import ConfigError
-from tokenflow.options import choice
+from tokenflow.options import choice, fraction, non_negative
 
 
 class InitialLatent(str, Enum):
@@ -42,12 +41,9 @@ class PnPConfig:
     initial_latent: InitialLatent = InitialLatent.inverted
 
     def __post_init__(self) -> None:
-        for name in ("pnp_f_t", "pnp_attn_t"):
-            v = getattr(self, name)
-            if not 0.0 <= v <= 1.0:
-                raise ConfigError(f"editor.{name}={v} must be in [0, 1] — it is a fraction of the denoising steps")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
+        self.pnp_f_t = fraction(self.pnp_f_t, "editor.pnp_f_t")
+        self.pnp_attn_t = fraction(self.pnp_attn_t, "editor.pnp_attn_t")
+        self.guidance_scale = non_negative(self.guidance_scale, "editor.guidance_scale")
         self.initial_latent = choice(InitialLatent, self.initial_latent, "editor.initial_latent")
 
 

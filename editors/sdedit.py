@@ -33,8 +33,7 @@ from enum import Enum
 
 from tokenflow.core.editor import EditInputs
 from tokenflow.core.guidance import GuidedEditor
-from tokenflow.errors import ConfigError
-from tokenflow.options import choice
+from tokenflow.options import choice, fraction, non_negative
 
 
 class Noise(str, Enum):
@@ -56,11 +55,8 @@ class SDEditConfig:
     start_slicing: Slicing = Slicing.exact  # exact | reference
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise ConfigError(f"editor.strength={self.strength} must be in [0, 1] — it is the fraction of the "
-                              "denoising steps run, e.g. 0.9")
-        if self.guidance_scale < 0:
-            raise ConfigError(f"editor.guidance_scale={self.guidance_scale} must be >= 0 — 7.5 is the usual value")
+        self.strength = fraction(self.strength, "editor.strength", "the fraction of the denoising steps run, e.g. 0.9")
+        self.guidance_scale = non_negative(self.guidance_scale, "editor.guidance_scale")
         self.noise = choice(Noise, self.noise, "editor.noise")
         self.start_slicing = choice(Slicing, self.start_slicing, "editor.start_slicing")
 

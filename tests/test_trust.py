@@ -153,3 +153,19 @@ def test_library_error_finds_ours_in_a_wrapped_chain_and_stops_on_cycles():
     a, b = RuntimeError("a"), RuntimeError("b")
     a.__cause__, b.__cause__ = b, a
     assert library_error(a) is None and len(list(chained(a))) == 2
+
+
+@pytest.mark.parametrize("editor, key", [("PnPEditor", "pnp_f_t"), ("PnPEditor", "pnp_attn_t"), ("SDEditEditor", "strength"),
+                                         ("KVInjectionEditor", "inject_t"), ("PromptToPromptEditor", "self_replace_steps")])
+def test_editors_refuse_fractions_outside_the_unit_interval_in_one_line(editor, key):
+    import tokenflow.editors as editors
+    from tokenflow.errors import ConfigError
+
+    cls = getattr(editors, editor)
+    for bad in (1.5, -0.1, float("nan")):
+        with pytest.raises(ConfigError, match=rf"editor\.{key}=.* must be in \[0, 1\]"):
+            cls(**{key: bad})
+    for bad, says in ((-1.0, "must be >= 0"), (float("inf"), "is not a finite number"),
+                      (float("nan"), "is not a finite number")):
+        with pytest.raises(ConfigError, match=rf"editor\.guidance_scale=\S+ {says}"):
+            cls(guidance_scale=bad)
