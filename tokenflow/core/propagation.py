@@ -222,7 +222,7 @@ class TokenFlowPropagator(Propagator):
 
     @property
     def replaying(self) -> bool:
-        return False  # MUTATION: never read the record, search again
+        return self._record is not None and self._record.complete
 
     def propagates(self, layer: str) -> bool:
         return self._layers is None or layer in self._layers
