@@ -38,14 +38,68 @@ def _prepared(model, prompt: str, source: str, **config) -> PromptToPromptEditor
     return editor
 
 
-def test_same_prompt_reproduces_the_source_generation(tiny):
-    """Source = a DDIM sample of the prompt; target prompt = source prompt → the target is that sample."""
-    inversion = _trajectory(tiny, torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0)), "a cat on a mat")
-    editor = PromptToPromptEditor(guidance_scale=1.0, cross_replace_steps=1.0, self_replace_steps=1.0)
+class _ReferenceP2P:
+    """Prompt-to-Prompt word swap written out (Hertz et al.), one processor for every attention layer of a UNet
+    call on the batch [source, controlled, plain] (F frames each, per-frame attention): in the first
+    ``cross_steps`` steps the controlled branch's cross-attention probabilities are the source's (prompts of equal
+    token count: position for position); in the first ``self_steps`` steps, at the coarse self-attention layers
+    (at most ``coarse`` tokens: <= 1/4 of the latent's side), its queries and keys are the source's. Values stay
+    each branch's own; ``plain`` (the target prompt without control) is never touched."""
+
+    def __init__(self, coarse: int, cross_steps: int, self_steps: int) -> None:
+        self.coarse, self.cross_steps, self.self_steps, self.index = coarse, cross_steps, self_steps, 0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        cross = encoder_hidden_states is not None
+        context = encoder_hidden_states if cross else hidden_states
+        q, k, v = (attn.head_to_batch_dim(f(x)).unflatten(0, (3, -1))  # (branch, frames * heads, S, d)
+                   for f, x in ((attn.to_q, hidden_states), (attn.to_k, context), (attn.to_v, context)))
+        if not cross and hidden_states.shape[1] <= self.coarse and self.index < self.self_steps:
+            q[1], k[1] = q[0], k[0]
+        probs = torch.stack([(q[b] @ k[b].transpose(-1, -2) * attn.scale).softmax(-1) for b in range(3)])
+        if cross and self.index < self.cross_steps:
+            probs[1] = probs[0]
+        out = attn.batch_to_head_dim(torch.bmm(probs.flatten(0, 1), v.flatten(0, 1)))
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
+def _reference_p2p(model, source: InversionResult, source_prompt: str, target_prompt: str,
+                   cross_steps: int, self_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """P2P's source generation followed along ``source``, the controlled target and the uncontrolled target
+    sampled beside it from the same noise (guidance 1) → (controlled, plain) final latents."""
+    timesteps, frames, (h, w) = source.timesteps, source.clean.shape[0], source.clean.shape[-2:]
+    hidden = torch.cat([model.encode_text(p).hidden.expand(frames, -1, -1)
+                        for p in (source_prompt, target_prompt, target_prompt)])
+    proc = _ReferenceP2P((h // 4) * (w // 4), cross_steps, self_steps)
+    saved = dict(model.unet.attn_processors)
+    model.unet.set_attn_processor(proc)
+    x = source.latents[0].repeat(2, 1, 1, 1)
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                proc.index = i
+                eps = model.unet(torch.cat([source.latents[i], x]), t, encoder_hidden_states=hidden).sample
+                x = ddim_step(x, eps[frames:], alpha_bar(model.scheduler, t),
+                              alpha_bar(model.scheduler, previous_timestep(timesteps, i)))
+    finally:
+        model.unet.set_attn_processor(saved)
+    return x[:frames], x[frames:]
+
+
+def test_word_swap_follows_the_source_generation_as_p2p_defines(tiny):
+    """Source = a DDIM sample of 'a cat on a mat'; the word-swap edit to 'a dog on a mat' is P2P's controlled
+    generation beside it (written out in the test), not plain sampling of the target prompt."""
+    inversion = _trajectory(tiny, torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), "a cat on a mat")
+    editor = PromptToPromptEditor(mode="replace", guidance_scale=1.0, cross_replace_steps=0.8, self_replace_steps=0.4)
     out = TokenFlowPipeline(tiny, editor, NoPropagation(), n_steps=STEPS).edit(
-        inversion, "a cat on a mat", "", progress=False).latents
-    # measured 2.9e-6: explicit softmax attention vs the default SDPA processors, over 5 steps
-    assert torch.allclose(out, inversion.clean, atol=2e-5, rtol=0), float((out - inversion.clean).abs().max())
+        inversion, "a dog on a mat", "", progress=False).latents
+    controlled, plain = _reference_p2p(tiny, inversion, "a cat on a mat", "a dog on a mat",
+                                       cross_steps=int(STEPS * 0.8), self_steps=int(STEPS * 0.4))
+    # the tiny random model's maps are near uniform, yet the control moves the result 1.4e3 times the tolerance
+    # below (measured 2.8e-3): a no-op editor, which gives `plain`, fails
+    assert float((controlled - plain).abs().max()) > 1e-3
+    # measured 1.9e-6: explicit softmax attention in both, default SDPA processors outside the control windows
+    assert torch.allclose(out, controlled, atol=2e-5, rtol=0), float((out - controlled).abs().max())
 
 
 def test_word_swap_mapper_and_alpha_window(tiny):

@@ -11,6 +11,7 @@ import torch
 
 from conftest import UNetCounter, translation_clip
 from tokenflow import DDIMInverter, FixedKeyframes, TokenFlowPipeline, TokenFlowPropagator, invert_video
+from tokenflow.core.search import TorchNeighbourSearch
 from tokenflow.editors import PnPEditor, SDEditEditor
 
 N, STEPS = 6, 3
@@ -22,9 +23,22 @@ def inversion(tiny):
     return invert_video(tiny, video, DDIMInverter(n_steps=STEPS, keep_steps=STEPS), "a texture", progress=False)[0]
 
 
-def _edit(tiny, inversion, editor, prompt, cache_dir=None, keyframes=(1, 4)):
+class CountingSearch(TorchNeighbourSearch):
+    """The default exact search (same name and exactness, so the same record key) that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def search(self, queries, keys):
+        self.calls += 1
+        return super().search(queries, keys)
+
+
+def _edit(tiny, inversion, editor, prompt, cache_dir=None, keyframes=(1, 4), search=None):
     reuse = cache_dir is not None
-    propagator = TokenFlowPropagator(reuse_correspondences=reuse, cache_dir=str(cache_dir) if reuse else None)
+    propagator = TokenFlowPropagator(search=search, reuse_correspondences=reuse,
+                                     cache_dir=str(cache_dir) if reuse else None)
     pipe = TokenFlowPipeline(tiny, editor, propagator, FixedKeyframes(list(keyframes)), n_steps=STEPS, chunk_size=2)
     fields = []
     with UNetCounter(tiny.unet) as counter:
@@ -49,10 +63,14 @@ def test_sdedit_sweep_reads_the_fields_and_drops_the_source_branch(tiny, inversi
 
 
 def test_pnp_sweep_reads_the_fields_and_gives_the_same_edit(tiny, inversion, tmp_path):
-    _edit(tiny, inversion, PnPEditor(), "a red texture", tmp_path)
-    second, second_evals, _ = _edit(tiny, inversion, PnPEditor(), "a blue texture", tmp_path)
-    fresh, fresh_evals, _ = _edit(tiny, inversion, PnPEditor(), "a blue texture")
+    first_search, second_search, fresh_search = CountingSearch(), CountingSearch(), CountingSearch()
+    _edit(tiny, inversion, PnPEditor(), "a red texture", tmp_path, search=first_search)
+    second, second_evals, _ = _edit(tiny, inversion, PnPEditor(), "a blue texture", tmp_path, search=second_search)
+    fresh, fresh_evals, _ = _edit(tiny, inversion, PnPEditor(), "a blue texture", search=fresh_search)
     assert second_evals == fresh_evals == STEPS * 3 * N  # PnP injects from the source branch: it stays
+    # the recording edit and a fresh edit search; the replaying edit reads the fields and never searches
+    assert first_search.calls == fresh_search.calls > 0
+    assert second_search.calls == 0
     assert torch.equal(second.latents, fresh.latents)
 
 
