@@ -1,17 +1,22 @@
 """Every config composes and instantiates: a broken YAML fails here, not in a sweep."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
+import typing
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 import tokenflow.cli.config  # noqa: F401  registers the run schema
 from tokenflow.editors import PnPEditor
 from tokenflow.cli.config import build
 from tokenflow.errors import ConfigError
+from tokenflow.core.editor import KeyframeEditor
 from tokenflow.core.inversion import Inverter
 from tokenflow.core.keyframes import KeyframeSchedule
 from tokenflow.core.propagation import Propagator
@@ -19,7 +24,33 @@ from tokenflow.core.search import NeighbourSearch
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in CONF.iterdir() if g.is_dir() and not g.name.startswith("_")}
-BASES = {"inverter": Inverter, "propagator": Propagator, "search": NeighbourSearch, "keyframes": KeyframeSchedule}
+BASES = {"inverter": Inverter, "propagator": Propagator, "search": NeighbourSearch, "keyframes": KeyframeSchedule,
+         "editor": KeyframeEditor}
+
+
+def _check_settings(target, settings: dict, where: str) -> None:
+    """Every key of ``settings`` is a setting ``target`` takes: bound to its signature (all its required parameters
+    given too); where it takes ``**kwargs``, a field of its documented ``Config`` dataclass, and the entries of a
+    ``dict[str, SomeDataclass]`` field fields of that dataclass."""
+    parameters = inspect.signature(target).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        try:
+            inspect.signature(target).bind(**settings)
+        except TypeError as e:
+            pytest.fail(f"{where}: {sorted(settings)} do not fit {target.__qualname__}{inspect.signature(target)}: {e}")
+        return
+    schema = getattr(target, "Config", None)
+    assert dataclasses.is_dataclass(schema), f"{where}: {target.__qualname__} takes **kwargs but documents no Config"
+    known = {f.name for f in dataclasses.fields(schema)}
+    assert set(settings) <= known, f"{where}: {sorted(set(settings) - known)} are not settings of {schema.__qualname__}"
+    hints = typing.get_type_hints(schema)
+    for key, value in settings.items():
+        args = typing.get_args(hints[key])
+        if typing.get_origin(hints[key]) is dict and len(args) == 2 and dataclasses.is_dataclass(args[1]):
+            entry = {f.name for f in dataclasses.fields(args[1])}
+            for name, spec in (value or {}).items():
+                assert set(spec) <= entry, f"{where}.{key}.{name}: {sorted(set(spec) - entry)} are not settings of " \
+                                           f"{args[1].__qualname__}"
 
 
 def _compose(name="edit", overrides=()):
@@ -33,14 +64,17 @@ def test_every_group_option_instantiates(group, option):
     if group == "search" and option == "faiss":
         pytest.importorskip("faiss")
     cfg = _compose(overrides=[f"{group}={option}"])
+    if group in ("model", "editor"):  # the YAML's keys, and what the composition passes, are the target's settings
+        for where, node in ((f"conf/{group}/{option}.yaml", OmegaConf.load(CONF / group / f"{option}.yaml")),
+                            (f"{group}={option}", cfg[group])):
+            settings = OmegaConf.to_container(node, resolve=False)
+            _check_settings(get_object(settings.pop("_target_")), settings, where)
     if group == "model":
         assert cfg.model.source and cfg.model._target_ == "tokenflow.models.load_model"
         return  # real checkpoints are not downloaded here; tests/test_models.py loads tiny
     obj = build(cfg[group])
     if group in BASES:
         assert isinstance(obj, BASES[group])
-    if group == "editor":
-        assert hasattr(obj, "branches") and hasattr(obj, "guide")
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])

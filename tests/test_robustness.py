@@ -441,9 +441,38 @@ def test_concurrent_runs_get_their_own_folders(files, tmp_path, cache_dir):
     assert seen == {"a fox", "a cat"}
 
 
-def test_claimed_folders_are_exclusive(tmp_path):
+def _rival_after_each_look(monkeypatch, base: Path) -> list[str]:
+    """Make every look at a free candidate folder of ``base`` (Path.exists/is_dir, os.path.exists/isdir/lexists)
+    be followed at once by another run's exclusive mkdir of it (the first such look only); → the rival's folders."""
+    rival: list[str] = []
+
+    def racing(look):
+        def check(path, *args, **kwargs):
+            found = look(path, *args, **kwargs)
+            p = Path(path)
+            if not found and not rival and p.parent == base.parent and p.name.startswith(base.name):
+                os.mkdir(p)  # the other run's claim, between this look and whatever comes next
+                rival.append(str(p))
+            return found
+        return check
+
+    for owner, name in ((Path, "exists"), (Path, "is_dir"), (os.path, "exists"), (os.path, "isdir"),
+                        (os.path, "lexists")):
+        monkeypatch.setattr(owner, name, racing(getattr(owner, name)))
+    return rival
+
+
+def test_claimed_folders_are_exclusive(tmp_path, monkeypatch):
     from tokenflow.cli.rundir import claim_dir
 
     base = tmp_path / "outputs" / "12-00-00"
     claimed = [claim_dir(base) for _ in range(3)]
     assert claimed == [str(base), f"{base}-1", f"{base}-2"] and all(Path(c).is_dir() for c in claimed)
+    # another run takes a folder just after this claim saw it free: only an exclusive mkdir notices, and the
+    # claim takes the next name (a look followed by mkdir(exist_ok=True) would share the rival's folder)
+    base = tmp_path / "outputs" / "12-00-01"
+    rival = _rival_after_each_look(monkeypatch, base)
+    raced = claim_dir(base)
+    monkeypatch.undo()
+    assert raced in (str(base), f"{base}-1") and Path(raced).is_dir()
+    assert raced not in rival, f"{raced} is also the other run's folder"

@@ -9,7 +9,6 @@ from tokenflow.editors import PnPEditor
 from tokenflow import (DDIMInverter, FixedKeyframes, NoPropagation, RandomKeyframes, TokenFlowPipeline,
                        TokenFlowPropagator, invert_video, reconstruct)
 from tokenflow.core.attention import TokenFlowRuntime
-from tokenflow.core.editor import EditInputs
 from tokenflow.models.ddim import ddim_timesteps
 from tokenflow.models.layout import UNetLayout
 from tokenflow.core.propagation import paper_blend, reference_blend
@@ -54,19 +53,81 @@ class RecomputeKeyframes(TokenFlowPropagator):
         return False
 
 
+# PnP's published injection sites on the SD 2.x UNet (Tumanyan et al.'s code): residual features of
+# up_blocks[1].resnets[1] (decoder layer 4), self-attention Q/K of decoder layers 4-11 (res_dict {1: [1, 2], 2: [0, 1,
+# 2], 3: [0, 1, 2]}); the tiny model is an SD 2.1-base UNet with narrow widths, so the same names
+PNP_CONV = "up_blocks.1.resnets.1.conv2"
+PNP_ATTN = tuple(f"up_blocks.{b}.attentions.{a}.transformer_blocks.0.attn1" for b, a in
+                 ((1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 1), (3, 2)))
+
+
+class _JointPnPAttention:
+    """Self-attention of one layer on the batch [source, uncond, cond] (F frames each), written out: the source
+    branch attends per frame; uncond and cond attend jointly (every frame's queries to the keys/values of all F
+    frames of their branch), with the source's queries and keys while ``inject`` (PnP), their own values."""
+
+    def __init__(self, pnp: bool) -> None:
+        self.pnp, self.inject = pnp, False
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        assert encoder_hidden_states is None  # attn1 only
+        frames, heads = hidden_states.shape[0] // 3, attn.heads
+        q, k, v = (f(hidden_states).unflatten(0, (3, frames)) for f in (attn.to_q, attn.to_k, attn.to_v))
+        if self.pnp and self.inject:
+            q, k = q.clone(), k.clone()
+            q[1:], k[1:] = q[:1].expand(2, -1, -1, -1), k[:1].expand(2, -1, -1, -1)
+
+        def attend(q, k, v):  # (F, S, C), (F, T, C), (F, T, C) -> (F, S, C)
+            q, k, v = (t.unflatten(-1, (heads, -1)).transpose(1, 2) for t in (q, k, v))
+            out = ((q @ k.transpose(-1, -2)) * attn.scale).softmax(-1) @ v
+            return out.transpose(1, 2).flatten(-2)
+
+        joint = lambda t: t.flatten(0, 1).unsqueeze(0).expand(frames, -1, -1)  # (F, S, C) -> every frame: (F, F·S, C)
+        out = torch.cat([attend(q[0], k[0], v[0])] + [attend(q[b], joint(k[b]), joint(v[b])) for b in (1, 2)])
+        return attn.to_out[1](attn.to_out[0](out)) / attn.rescale_output_factor
+
+
 @pytest.fixture(scope="module")
 def joint_edit(tiny, synthetic_inversion):
-    """Latents of editing every frame jointly (one keyframe pass over all frames per step), by hand."""
+    """Latents of editing every frame jointly, written out without the library's pipeline or processors: DDIM with
+    CFG 7.5 ("a robotic wolf" vs "ugly") from the inverted latent, the source branch on the inversion (prompt
+    "a wolf"), extended attention over all frames in the edit branches, and PnP (the defaults: residual features for
+    the first int(0.8·4) = 3 steps, Q/K for the first int(0.5·4) = 2)."""
     _, inversion = synthetic_inversion(N_FRAMES, STEPS)
-    joint = TokenFlowPipeline(tiny, PnPEditor(), TokenFlowPropagator(), n_steps=STEPS)
-    timesteps = ddim_timesteps(tiny.scheduler, STEPS)
-    joint.editor.prepare(EditInputs(tiny, inversion, "a robotic wolf", "ugly", "a wolf", timesteps))
-    source = joint.source_branch("a wolf")
+    unet, scheduler = tiny.unet, tiny.scheduler
+    assert scheduler.config.prediction_type == "epsilon"
+    timesteps = ddim_timesteps(scheduler, STEPS)
+    text = torch.cat([tiny.encode_text(p).hidden.expand(N_FRAMES, -1, -1) for p in ("a wolf", "ugly", "a robotic wolf")])
+    processors = {name: _JointPnPAttention(pnp=name in PNP_ATTN) for name in UNetLayout.from_unet(unet).self_attention}
+    saved = dict(unet.attn_processors)
+    unet.set_attn_processor({k: processors.get(k.removesuffix(".processor"), v) for k, v in saved.items()})
+    features = {"inject": False}
+
+    def inject_features(module, args, output):  # the edit branches' residual features are the source's
+        if not features["inject"]:
+            return output
+        rows = output.unflatten(0, (3, N_FRAMES))
+        return rows[:1].expand(3, -1, -1, -1, -1).flatten(0, 1)
+
+    hook = unet.get_submodule(PNP_CONV).register_forward_hook(inject_features)
     x = inversion.at(timesteps[0]).clone()
-    everything = torch.arange(N_FRAMES)
-    with torch.no_grad(), TokenFlowRuntime(joint.editor, joint.propagator).install(tiny.unet, joint.layout) as rt:
-        for i in range(STEPS):
-            x = joint.step_frames(rt, x, inversion, i, timesteps, everything, everything, "keyframes", source).cpu()
+    try:
+        with torch.no_grad():
+            for i, t in enumerate(timesteps):
+                features["inject"] = i < int(STEPS * 0.8)
+                for proc in processors.values():
+                    proc.inject = i < int(STEPS * 0.5)
+                batch = torch.cat([inversion.at(t), x, x])
+                eps_source, eps_uncond, eps_cond = unet(batch, t, encoder_hidden_states=text).sample.chunk(3)
+                eps = eps_uncond + 7.5 * (eps_cond - eps_uncond)
+                a_t = float(scheduler.alphas_cumprod[t])
+                a_prev = float(scheduler.alphas_cumprod[timesteps[i + 1]]) if i + 1 < STEPS \
+                    else float(scheduler.final_alpha_cumprod)
+                x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
+                x = a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    finally:
+        hook.remove()
+        unet.set_attn_processor(saved)
     return x
 
 
@@ -83,12 +144,11 @@ def test_stride_one_propagation_equals_joint_extended_attention(tiny, synthetic_
     # reuse: the keyframe pass only (3N per step); recompute: keyframe pass + chunks (6N)
     assert result.unet_evaluations == STEPS * 3 * N_FRAMES * (2 if isinstance(propagator, RecomputeKeyframes) else 1)
     diff = float((result.latents - joint_edit).abs().max())
-    if propagator.reuses_keyframe_pass:  # the very same UNet calls as the joint loop
-        assert diff == 0, diff
-    else:  # measured 2.4e-6 (latents up to 5.2): the chunk passes batch 9 and 6 samples instead of 15, and CPU
-        # kernels then sum in another order (one UNet call: 8e-8); one token per frame and layer taken from a
-        # wrong neighbour moves the latents by 7.9e-3 (measured)
-        assert diff < 1e-4, diff
+    # measured 2.6e-6 (reuse), 2.9e-6 (recompute), latents up to 5.2: SDPA vs the explicit softmax above, and with
+    # `recompute` the chunk passes batch 9 and 6 samples instead of 15 (CPU kernels then sum in another order); one
+    # token per frame and layer taken from a wrong neighbour moves the latents by 7.9e-3, a keyframe pass per frame
+    # instead of joint by 3.5e-2, PnP without injection by 4.7e-2 (measured)
+    assert diff < 1e-4, diff
 
 
 def test_nearest_neighbour_field_recovers_translation(tiny):
