@@ -136,15 +136,21 @@ class AdaptiveKeyframes(KeyframeSchedule):
 
         return adaptive_clips(features, self.mean_threshold, self.region_threshold, self.max_clip, self.formula)
 
-    def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None) -> list[list[int]]:
+    def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None,
+                 clips: list[int] | None = None) -> list[list[int]]:
+        """One keyframe per clip and step; the clips are cut from ``features``, or given (``clips``: their first
+        frames, as :meth:`clips` returns them for these features)."""
         import random
 
-        if features is None:
+        if clips is not None:
+            starts = list(clips)
+        elif features is None:
             raise ConfigError("adaptive keyframes cut the video from its features — pass features= (the pipeline "
                               "does; tokenflow.core.clips.frame_features computes them)")
-        if features.shape[0] != n_frames:
+        elif features.shape[0] != n_frames:
             raise ValueError(f"features for {features.shape[0]} frames, the video has {n_frames}")
-        starts = self.clips(features)
+        else:
+            starts = self.clips(features)
         ends = starts[1:] + [n_frames]
         rng = random.Random(self.seed)
         return [[rng.randint(a, b - 1) for a, b in zip(starts, ends)] for _ in range(n_steps)]
@@ -184,9 +190,10 @@ class AutoKeyframes(KeyframeSchedule):
                        frames: Any = None) -> torch.Tensor:
         return self.adaptive.frame_features(model, clean, timestep, prompt, batch, frames)
 
-    def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None) -> list[list[int]]:
+    def sequence(self, n_steps: int, n_frames: int, features: torch.Tensor | None = None,
+                 clips: list[int] | None = None) -> list[list[int]]:
         if self._adaptive(n_frames):
-            return self.adaptive.sequence(n_steps, n_frames, features)
+            return self.adaptive.sequence(n_steps, n_frames, features, clips)
         return self.random.sequence(n_steps, n_frames)
 
     def bound(self, n_steps: int, n_frames: int) -> int:

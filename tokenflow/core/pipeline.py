@@ -428,8 +428,8 @@ class TokenFlowPipeline:
             return self.keyframes.sequence(n_steps, inversion.n_frames), None, None
         features = self.keyframes.frame_features(self.model, inversion.clean, path.timesteps[-1], inversion_prompt,
                                                  self.chunk_size, None if video is None else video.frames)
-        schedule = self.keyframes.sequence(n_steps, inversion.n_frames, features=features)
         clips = self.keyframes.clips(features)
+        schedule = self.keyframes.sequence(n_steps, inversion.n_frames, features=features, clips=clips)
         log.info("adaptive keyframes: %d clips (first frames %s)", len(clips), clips[:12])
         return schedule, features, clips
 
