@@ -59,7 +59,7 @@ def _compose(name="edit", overrides=()):
 
 
 @pytest.mark.parametrize("group, option", [(g, o) for g, opts in GROUPS.items() for o in opts
-                                           if g not in ("experiment", "dataset")])
+                                           if g not in ("experiment", "dataset", "hydra")])
 def test_every_group_option_instantiates(group, option):
     if group == "search" and option == "faiss":
         pytest.importorskip("faiss")
@@ -75,6 +75,21 @@ def test_every_group_option_instantiates(group, option):
     obj = build(cfg[group])
     if group in BASES:
         assert isinstance(obj, BASES[group])
+
+
+@pytest.mark.parametrize("name", ["edit", "invert"])
+def test_both_scripts_take_hydra_settings_from_one_file(name):
+    """conf/hydra/tokenflow.yaml is the one home of the Hydra block (run folder claim, run log handler, sweep
+    failure report), and both console scripts compose it: no `hydra:` key left in the primary configs."""
+    assert "hydra" not in OmegaConf.load(CONF / f"{name}.yaml")
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
+        cfg = compose(config_name=name, overrides=["video=x.mp4"], return_hydra_config=True)
+    own = OmegaConf.load(CONF / "hydra" / "tokenflow.yaml")
+    assert OmegaConf.to_container(cfg.hydra.run, resolve=False) == OmegaConf.to_container(own.run)
+    sweep = OmegaConf.to_container(cfg.hydra.sweep, resolve=False)
+    assert sweep == OmegaConf.to_container(own.sweep) and sweep["dir"].startswith("${tokenflow.claim:")
+    assert cfg.hydra.job_logging.handlers.file["class"] == "tokenflow.cli.logs.RunLogHandler"
+    assert cfg.hydra.callbacks.failed_jobs._target_ == "tokenflow.cli.report.FailedJobs"
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
