@@ -22,7 +22,7 @@ from tokenflow import (InversionCache, NoPropagation, RandomKeyframes, TokenFlow
 from tokenflow.core.flow_propagation import FlowPropagator
 from tokenflow.evaluation.metrics import warp_error
 from tokenflow.paths import default_cache_dir
-from tokenflow.storage.atomic import write_json
+from tokenflow.atomic import write_json
 
 
 def main() -> None:

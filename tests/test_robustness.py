@@ -282,7 +282,7 @@ def test_unwritable_run_folder_is_one_line(tmp_path, cache_dir, capfd, monkeypat
 
 # ---- stale temporaries ---------------------------------------------------------------------------------
 def test_leftovers_of_dead_processes_are_removed_and_live_ones_kept(tmp_path):
-    from tokenflow.storage.atomic import host_name, remove_stale, temp_path
+    from tokenflow.atomic import host_name, remove_stale, temp_path
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

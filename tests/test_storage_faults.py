@@ -140,7 +140,7 @@ def test_a_fifo_in_a_correspondence_record_does_not_hang(tmp_path):
 
 
 def test_open_regular_refuses_a_fifo_and_reads_a_file(tmp_path):
-    from tokenflow.storage.atomic import NotRegularFileError, open_regular, read_safetensors
+    from tokenflow.atomic import NotRegularFileError, open_regular, read_safetensors
 
     os.mkfifo(tmp_path / "flow.safetensors")
     done = _within_deadline(tmp_path / "flow.safetensors", lambda: read_safetensors(tmp_path / "flow.safetensors"))

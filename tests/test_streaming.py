@@ -159,7 +159,7 @@ def test_killed_writer_publishes_nothing(script, tmp_path):
     """SIGKILL mid-write: nothing under a final name; what is left is a temporary that remove_stale deletes."""
     import psutil
 
-    from tokenflow.storage.atomic import remove_stale
+    from tokenflow.atomic import remove_stale
 
     proc = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "written"

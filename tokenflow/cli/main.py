@@ -303,7 +303,7 @@ def _save_traceback(error: BaseException, out: Path) -> str:
     """Write ``error``'s traceback to ``out/traceback.txt``; returns where the traceback can be read."""
     import traceback
 
-    from tokenflow.storage.atomic import atomic_file
+    from tokenflow.atomic import atomic_file
 
     try:
         with atomic_file(out / "traceback.txt") as tmp:

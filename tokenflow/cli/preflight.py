@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenflow.core.memory import (MemoryEstimate, ModelShape, RunShape, check_memory, current_rss,
                                    free_device_memory, free_host_memory, length_growth)
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.storage.atomic import remove_stale, temp_path
+from tokenflow.atomic import remove_stale, temp_path
 from tokenflow.storage.video import H264_MAX_SIDE, VideoInfo, probe_video, target_size
 
 log = logging.getLogger("tokenflow")

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from tokenflow.core.memory import peak_rss
 from tokenflow.evaluation import summary
 from tokenflow.evaluation.scores import PIPELINE_METRICS
-from tokenflow.storage.atomic import naming_failures, temp_path, write_json
+from tokenflow.atomic import naming_failures, temp_path, write_json
 
 log = logging.getLogger("tokenflow")
 MB = 1 << 20

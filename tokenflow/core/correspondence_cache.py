@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from tokenflow.storage.atomic import atomic_file, read_safetensors, write_json
+from tokenflow.atomic import atomic_file, read_safetensors, write_json
 
 log = logging.getLogger(__name__)
 FORMAT = 1

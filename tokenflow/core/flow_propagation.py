@@ -46,7 +46,7 @@ from tokenflow.core.propagation import PropagationInputs, PropagationQuery, Prop
 from tokenflow.errors import ConfigError, VideoError
 from tokenflow.options import choice
 from tokenflow.paths import default_cache_dir
-from tokenflow.storage.atomic import atomic_file, read_safetensors
+from tokenflow.atomic import atomic_file, read_safetensors
 
 log = logging.getLogger(__name__)
 FLOW_CACHE_FORMAT = 1

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from tokenflow.core.attention import TokenFlowRuntime
-from tokenflow.storage.atomic import atomic_file
+from tokenflow.atomic import atomic_file
 from tokenflow.evaluation.correspondence_plot import (coordinate_colormap, identity_colormap, plot_field, similarity_heatmap,
                                   warp_keyframe)
 from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step

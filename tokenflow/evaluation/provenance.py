@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tokenflow.storage.atomic import write_json
+from tokenflow.atomic import write_json
 
 MANIFEST_FORMAT = 1
 MANIFEST_NAME = "manifest.json"

@@ -40,7 +40,7 @@ from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoE
 from tokenflow.evaluation.metrics import (TRACK_METHOD, as_frames, as_masks, masked_psnr, masked_ssim, track_error,
                                           warp_error)
 from tokenflow.options import choice
-from tokenflow.storage.atomic import write_json
+from tokenflow.atomic import write_json
 
 MEANINGLESS = "MEANINGLESS (random-weight tiny test model): "
 DEFAULT_SUITE = "default"

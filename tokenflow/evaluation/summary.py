@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tokenflow.errors import TokenFlowError, VideoError
-from tokenflow.storage.atomic import atomic_file, write_json
+from tokenflow.atomic import atomic_file, write_json
 from tokenflow.storage.video import IMAGE_SUFFIXES, Video, write_video
 
 if TYPE_CHECKING:

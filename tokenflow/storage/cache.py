@@ -37,7 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings, Trajectory
-from tokenflow.storage.atomic import atomic_file, open_regular, remove_stale, temp_path
+from tokenflow.atomic import atomic_file, open_regular, remove_stale, temp_path
 
 try:
     import fcntl
@@ -148,7 +148,7 @@ class InversionCache:
             return None
 
     def save(self, key: str, result: InversionResult, **info: Any) -> Path | None:
-        """Write atomically (see :mod:`tokenflow.storage.atomic`); on a folder that cannot be written
+        """Write atomically (see :mod:`tokenflow.atomic`); on a folder that cannot be written
         (read-only, full, gone) warn and return None: the run goes on without caching.
         (A result whose trajectory is in a file is read whole here; :meth:`writer` streams instead.)"""
         tensors = {"latents": result.latents, **_small_tensors(result)}
@@ -173,7 +173,7 @@ class InversionCache:
             pass
 
     def remove_stale(self) -> list[Path]:
-        """Delete temporary files left by killed processes (see :func:`tokenflow.storage.atomic.remove_stale`)."""
+        """Delete temporary files left by killed processes (see :func:`tokenflow.atomic.remove_stale`)."""
         return remove_stale(self.directory)
 
     def lock_path(self, key: str) -> Path:
@@ -267,7 +267,7 @@ class EntryWriter:
     kept for the header) for the inverter to fill slab by slab. :meth:`publish` appends the other
     tensors, writes the header (manifest and checksum, computed by reading the file back), flushes and
     renames the file to the entry's name; until then a kill leaves only a temporary that
-    :func:`~tokenflow.storage.atomic.remove_stale` deletes, and :meth:`discard` removes it at once.
+    :func:`~tokenflow.atomic.remove_stale` deletes, and :meth:`discard` removes it at once.
     Both close the file: a run reads its trajectory from a store of its own (see ``invert_video``), so
     nothing that later happens to the published entry changes a running edit.
     """

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.storage.atomic import atomic_dir, atomic_file, naming_failures, temp_path
+from tokenflow.atomic import atomic_dir, atomic_file, naming_failures, temp_path
 
 log = logging.getLogger(__name__)
 
