@@ -1,6 +1,8 @@
-"""ControlNet (Zhang et al., 2023) as a TokenFlow keyframe editor, on top of PnP or plain CFG.
+"""ControlNet (Zhang et al., 2023) as a TokenFlow keyframe editor, on top of another editor (PnP by default).
 
-The edit branches (``uncond`` and ``cond`` of the ``base`` editor) get each ControlNet's residuals
+The ``base`` editor is any UNet keyframe editor with its own settings (``editor.base.pnp_attn_t``,
+``editor.base.conv_layers``, ``editor.base._target_=tokenflow.editors.CFGEditor``; ``base=cfg`` / ``base=pnp``
+for their defaults). Its edit branches (``latents="edit"``, e.g. ``uncond`` and ``cond``) get each ControlNet's residuals
 through :attr:`Branch.unet_inputs`, computed from that branch's latents, timestep and text and the
 per-frame condition maps of the call's frames; the residuals of several ControlNets are summed (as
 diffusers' ``MultiControlNetModel``). The source branch gets none (zeros), so PnP's features and
@@ -14,6 +16,8 @@ the model's UNet (tests, demos). ControlNets themselves run per frame, with thei
 from __future__ import annotations
 
 import logging
+import importlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
@@ -23,8 +27,7 @@ import torch
 from torch import Tensor
 
 from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step, WrappingEditor
-from tokenflow.core.guidance import GuidedEditor
-from tokenflow.core.numerics import check_finite_setting
+from tokenflow.editors.cfg import CFGEditor
 from tokenflow.editors.conditions import Condition, condition_maps, input_frames
 from tokenflow.editors.pnp import PnPEditor
 from tokenflow.errors import ConfigError, ModelLoadError
@@ -34,8 +37,14 @@ log = logging.getLogger(__name__)
 
 
 class Base(str, Enum):
+    """The base editors named by a word, with their default settings."""
+
     pnp = "pnp"   # Plug-and-Play injection from the source branch, with CFG
     cfg = "cfg"   # classifier-free guidance only (no source branch needed)
+
+
+BASE_EDITORS = {Base.pnp: PnPEditor, Base.cfg: CFGEditor}
+MOVED = ("guidance_scale", "pnp_f_t", "pnp_attn_t")  # settings of the base editor, under editor.base since 2026-12
 
 
 @dataclass
@@ -57,17 +66,14 @@ class ControlSpec:
 
 @dataclass
 class ControlNetConfig:
-    base: Base = Base.pnp                    # pnp | cfg
-    guidance_scale: float = 7.5
-    pnp_f_t: float = 0.8                     # base=pnp: fraction of steps with feature injection
-    pnp_attn_t: float = 0.5                  # base=pnp: fraction of steps with self-attention Q/K injection
+    # the editor the ControlNets steer: a KeyframeEditor, a node {_target_: <editor class>, <its settings>}, or the
+    # word pnp | cfg (that editor with its defaults)
+    base: Any = Base.pnp.value
     controlnets: dict[str, ControlSpec] = field(default_factory=lambda: {"canny": ControlSpec()})
     cache_dir: Optional[str] = None          # where source=tiny builds its ControlNet; None = the user cache dir
     tiny_seed: int = 0
 
     def __post_init__(self) -> None:
-        self.base = choice(Base, self.base, "editor.base")
-        check_finite_setting(self.guidance_scale, "editor.guidance_scale")
         if not self.controlnets:
             raise ConfigError("editor.controlnets is empty — give at least one, e.g. editor.controlnets.canny.source=tiny")
         self.controlnets = {name: _spec(name, spec) for name, spec in self.controlnets.items()}
@@ -94,16 +100,28 @@ def _spec(name: str, spec: Any) -> ControlSpec:
     return spec
 
 
-@dataclass
-class _Guidance:
-    guidance_scale: float
-
-
-class CFGEditor(GuidedEditor):
-    """Plain classifier-free guidance (the ``cfg`` base)."""
-
-    def __init__(self, guidance_scale: float = 7.5) -> None:
-        self.config = _Guidance(guidance_scale)
+def base_editor(base: Any) -> KeyframeEditor:
+    """``editor.base`` as an editor: an editor as given, a ``{_target_: ..., settings}`` node built (the class
+    imported by its dotted path, as Hydra does), or ``pnp`` / ``cfg`` with their defaults."""
+    if isinstance(base, KeyframeEditor):
+        return base
+    if isinstance(base, Mapping):
+        settings = dict(base)
+        target = settings.pop("_target_", None)
+        if not isinstance(target, str) or "." not in target:
+            raise ConfigError(f"editor.base={settings} names no editor class — add editor.base._target_="
+                              "tokenflow.editors.PnPEditor (or use editor.base=pnp | cfg)")
+        module, _, name = target.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise ConfigError(f"editor.base._target_={target!r} cannot be imported ({e}) — check the dotted path") from e
+        editor = cls(**settings)
+    else:
+        editor = BASE_EDITORS[choice(Base, base, "editor.base")]()
+    if not isinstance(editor, KeyframeEditor):
+        raise ConfigError(f"editor.base is a {type(editor).__qualname__}, not a KeyframeEditor — name an editor class")
+    return editor
 
 
 @dataclass
@@ -167,15 +185,20 @@ class ControlNetEditor(WrappingEditor):
     Config = ControlNetConfig
 
     def __init__(self, **config) -> None:
-        self.config = c = ControlNetConfig(**config)
-        self.base: KeyframeEditor = (PnPEditor(guidance_scale=c.guidance_scale, pnp_f_t=c.pnp_f_t, pnp_attn_t=c.pnp_attn_t)
-                                     if c.base is Base.pnp else CFGEditor(c.guidance_scale))
+        moved = [k for k in MOVED if k in config]
+        if moved:
+            raise ConfigError(f"editor.{moved[0]} is a setting of the base editor: editor.base.{moved[0]}="
+                              f"{config[moved[0]]} (the base editor's own settings sit under editor.base)")
+        self.config = ControlNetConfig(**config)
+        self.base: KeyframeEditor = base_editor(self.config.base)
         self.controls: list[Control] = []
         self._nets: dict[tuple, torch.nn.Module] = {}  # loaded ControlNets, kept across runs on the same model
 
     def check(self, model) -> None:
-        if model.is_sdxl:
-            raise ConfigError("editor=controlnet drives SD 1.x/2.x ControlNets; SDXL ones are not supported yet — "
+        added = getattr(model.denoiser.config, "addition_embed_type", None)
+        if added is not None:  # SDXL's text_time: its ControlNets need the added conditions, not passed here
+            raise ConfigError(f"editor=controlnet drives ControlNets of UNets without added conditions (SD 1.x/2.x); "
+                              f"this UNet takes addition_embed_type={added!r} (SDXL), not supported yet — "
                               "use an SD 1.x/2.x model")
         self.base.check(model)
 

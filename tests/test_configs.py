@@ -68,7 +68,12 @@ def test_every_group_option_instantiates(group, option):
         for where, node in ((f"conf/{group}/{option}.yaml", OmegaConf.load(CONF / group / f"{option}.yaml")),
                             (f"{group}={option}", cfg[group])):
             settings = OmegaConf.to_container(node, resolve=False)
+            settings.pop("defaults", None)  # a file's defaults list (editor=controlnet's base editor) is Hydra's
             _check_settings(get_object(settings.pop("_target_")), settings, where)
+            for key, value in settings.items():  # a nested editor (ControlNet's base) is bound to its own target
+                if isinstance(value, dict) and "_target_" in value:
+                    nested = dict(value)
+                    _check_settings(get_object(nested.pop("_target_")), nested, f"{where}.{key}")
     if group == "model":
         assert cfg.model.source and cfg.model._target_ == "tokenflow.models.load_model"
         return  # real checkpoints are not downloaded here; tests/test_models.py loads tiny

@@ -41,7 +41,8 @@ def inversion(tiny, clip):
 
 def editor(cache_dir, base="pnp", **controls) -> ControlNetEditor:
     controls = controls or {"canny": {"source": "tiny"}}
-    return ControlNetEditor(base=base, guidance_scale=5.0, controlnets=controls, cache_dir=str(cache_dir))
+    base_editor = PnPEditor(guidance_scale=5.0) if base == "pnp" else CFGEditor(guidance_scale=5.0)
+    return ControlNetEditor(base=base_editor, controlnets=controls, cache_dir=str(cache_dir))
 
 
 def given_latents(tiny, clip, steps: int, n: int) -> InversionResult:
@@ -216,6 +217,11 @@ def test_without_input_frames_the_maps_come_from_the_vae_decoding(tiny, clip, ca
 # ---- (g) bad settings: one clear line ------------------------------------------------------------------------------
 @pytest.mark.parametrize("settings, message", [
     (dict(base="controlnet"), "editor.base='controlnet' is unknown — use one of 'pnp', 'cfg'"),
+    (dict(base={"pnp_f_t": 0.5}), "editor.base=.* names no editor class — add editor.base._target_="),
+    (dict(base={"_target_": "tokenflow.editors.NoSuchEditor"}), "editor.base._target_='tokenflow.editors.NoSuchEditor' "
+                                                               "cannot be imported"),
+    (dict(base={"_target_": "tokenflow.RandomKeyframes"}), "editor.base is a RandomKeyframes, not a KeyframeEditor"),
+    (dict(pnp_f_t=0.5), r"editor.pnp_f_t is a setting of the base editor: editor.base.pnp_f_t=0.5"),
     (dict(controlnets={}), "editor.controlnets is empty"),
     (dict(controlnets={"a": {"condition": "depth"}}), "editor.controlnets.a.condition='depth' is unknown — use one of"),
     (dict(controlnets={"a": {"scale": -1.0}}), r"editor.controlnets.a.scale=-1.0 must be >= 0"),
@@ -311,9 +317,33 @@ def test_the_wrapping_editor_forwards_the_whole_interface():
     assert wrapper.needs_source is True and wrapper.needs_inversion is False
 
 
-def test_controlnet_refuses_sdxl_before_any_inversion(cache_dir):
-    class SDXL:
-        is_sdxl = True
+def test_controlnet_refuses_sdxl_before_any_inversion(tiny, cache_dir):
+    from types import SimpleNamespace
 
-    with pytest.raises(ConfigError, match="SDXL"):
-        ControlNetEditor(controlnets={"c": {"source": "tiny"}}, cache_dir=str(cache_dir)).check(SDXL())
+    sdxl = SimpleNamespace(denoiser=SimpleNamespace(config=SimpleNamespace(addition_embed_type="text_time")))
+    net = ControlNetEditor(controlnets={"c": {"source": "tiny"}}, cache_dir=str(cache_dir))
+    with pytest.raises(ConfigError, match="addition_embed_type='text_time' \\(SDXL\\), not supported yet"):
+        net.check(sdxl)
+    net.check(tiny)  # an SD 2.1 UNet (no added conditions) passes
+
+
+@pytest.mark.parametrize("overrides, base, settings", [
+    ([], PnPEditor, dict(guidance_scale=7.5, pnp_f_t=0.8, pnp_attn_t=0.5, conv_layers=None, initial_latent="inverted")),
+    (["editor.base.conv_layers=[4,5]", "editor.base.attn_layers=[6]", "editor.base.initial_latent=renoised",
+      "editor.base.guidance_scale=3.0"],
+     PnPEditor, dict(conv_layers=[4, 5], attn_layers=[6], initial_latent="renoised", guidance_scale=3.0)),
+    (["editor.base=cfg"], CFGEditor, dict(guidance_scale=7.5)),
+    (["editor@editor.base=cfg", "editor.base.guidance_scale=4.0"], CFGEditor, dict(guidance_scale=4.0)),
+])
+def test_every_setting_of_the_base_editor_is_reachable_from_the_command_line(overrides, base, settings):
+    """editor=controlnet nests its base editor's whole config (conf/editor/pnp.yaml at editor.base): PnP's layers and
+    start latent, which ControlNet's own config once left unreachable, are set on the command line."""
+    from hydra import compose, initialize_config_module
+
+    from tokenflow.cli.config import build
+
+    with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
+        cfg = compose(config_name="edit", overrides=["video=x.mp4", "editor=controlnet", *overrides])
+    built = build(cfg.editor)
+    assert type(built.base) is base
+    assert {k: getattr(built.base.config, k) for k in settings} == settings

@@ -8,6 +8,7 @@ and imports from ``tokenflow`` only.
 from __future__ import annotations
 
 import logging
+from typing import Protocol
 
 from torch import Tensor
 
@@ -64,24 +65,32 @@ class UnconditionalEmbedding:
         return self._last[1]
 
 
+class GuidanceSettings(Protocol):
+    """What :class:`GuidedEditor` reads of its editor's ``config``: the guidance weight."""
+
+    guidance_scale: float
+
+
 class GuidedEditor(KeyframeEditor):
     """Branches ``uncond`` and ``cond`` with classifier-free guidance weight :attr:`guidance_scale`.
 
     ``uncond`` is the negative prompt, or the inversion's null-text embeddings (see
-    :class:`UnconditionalEmbedding`); at guidance 1 it is not run at all. Subclasses with a ``config``
-    dataclass that has ``guidance_scale`` need nothing else; others override :attr:`guidance_scale`.
+    :class:`UnconditionalEmbedding`); at guidance 1 it is not run at all. A subclass sets ``config`` to its
+    settings dataclass, which has a ``guidance_scale`` field (:class:`GuidanceSettings`), or overrides
+    :attr:`guidance_scale`.
 
     On a model that is not guided classifier-free (``model.classifier_free`` False: FLUX.1) there is one
     branch, ``cond``, and the weight is the model's guidance *input* where it has one (FLUX.1-dev: the
     branch's ``guidance``; FLUX.1-schnell reads none, and the weight is then unused).
     """
 
+    config: GuidanceSettings
     _classifier_free: bool = True
     _guidance_input: bool = False
 
     @property
     def guidance_scale(self) -> float:
-        return check_finite_setting(self.config.guidance_scale, "editor.guidance_scale")  # type: ignore[attr-defined]
+        return check_finite_setting(self.config.guidance_scale, "editor.guidance_scale")
 
     @property
     def guidance_weight(self) -> float | None:
