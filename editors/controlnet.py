@@ -31,7 +31,7 @@ from tokenflow.editors.cfg import CFGEditor
 from tokenflow.editors.conditions import Condition, condition_maps, input_frames
 from tokenflow.editors.pnp import PnPEditor
 from tokenflow.errors import ConfigError, ModelLoadError
-from tokenflow.options import choice, non_negative
+from tokenflow.options import choice, configured, non_negative
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +177,7 @@ def load_controlnet(spec: ControlSpec, model, cache_dir: str | None = None, tiny
     return net.to(model.device).eval().requires_grad_(False)
 
 
+@configured
 class ControlNetEditor(WrappingEditor):
     """A ``base`` editor (PnP or CFG) whose edit branches are steered by one or more ControlNets; everything else
     is the base editor's (:class:`~tokenflow.core.editor.WrappingEditor`)."""

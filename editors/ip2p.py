@@ -17,7 +17,7 @@ from torch import Tensor
 
 from tokenflow.core.editor import Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.core.inversion import image_conditioning
-from tokenflow.options import non_negative
+from tokenflow.options import configured, non_negative
 from tokenflow.errors import ConfigError
 
 
@@ -31,6 +31,7 @@ class InstructPix2PixConfig:
             setattr(self, name, non_negative(getattr(self, name), f"editor.{name}", "7.5 and 1.5 are the usual values"))
 
 
+@configured
 class InstructPix2PixEditor(KeyframeEditor):
     """Three-branch InstructPix2Pix guidance; the prompt is the instruction."""
 

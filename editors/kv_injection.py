@@ -24,7 +24,7 @@ from torch import Tensor
 from tokenflow.core.editor import SOURCE, Step
 from tokenflow.core.guidance import GuidedEditor
 from tokenflow.models.layout import MMDiTLayout
-from tokenflow.options import choice, fraction, non_negative
+from tokenflow.options import choice, configured, fraction, non_negative
 
 
 class Inject(str, Enum):
@@ -55,6 +55,7 @@ def injection_layers(layout, blocks: list[int] | None) -> tuple[str, ...]:
     return layout.decoder_self_attention(attn_default if blocks is None else list(blocks))
 
 
+@configured
 class KVInjectionEditor(GuidedEditor):
     """Source-branch key/value injection at named layers for the first steps, with CFG."""
 

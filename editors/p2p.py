@@ -42,7 +42,7 @@ from tokenflow.core.guidance import UnconditionalEmbedding, cfg
 from tokenflow.editors.p2p_align import equalizer, refinement_mapper, replacement_mapper, word_positions
 from tokenflow.editors.p2p_control import CrossAttentionEdit, LocalBlend, install_cross_attention
 from tokenflow.errors import ConfigError
-from tokenflow.options import choice, fraction, non_negative
+from tokenflow.options import choice, configured, fraction, non_negative
 
 
 class Mode(str, Enum):
@@ -79,6 +79,7 @@ class PromptToPromptConfig:
             raise ConfigError("editor.mode=reweight with an empty equalizer does nothing — set e.g. equalizer={cat: 2}")
 
 
+@configured
 class PromptToPromptEditor(KeyframeEditor):
     """Prompt-to-Prompt cross-attention control (word swap, refinement, reweighting, LocalBlend), with CFG."""
 

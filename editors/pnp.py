@@ -20,7 +20,7 @@ from typing import Optional
 
 from tokenflow.core.editor import SOURCE, EditInputs, Step
 from tokenflow.core.guidance import GuidedEditor
-from tokenflow.options import choice, fraction, non_negative
+from tokenflow.options import choice, configured, fraction, non_negative
 
 
 class InitialLatent(str, Enum):
@@ -47,6 +47,7 @@ class PnPConfig:
         self.initial_latent = choice(InitialLatent, self.initial_latent, "editor.initial_latent")
 
 
+@configured
 class PnPEditor(GuidedEditor):
     """PnP feature and self-attention injection from the source branch, with CFG."""
 

@@ -33,12 +33,14 @@ def _check_settings(target, settings: dict, where: str) -> None:
     given too); where it takes ``**kwargs``, a field of its documented ``Config`` dataclass, and the entries of a
     ``dict[str, SomeDataclass]`` field fields of that dataclass."""
     parameters = inspect.signature(target).parameters
+    schema = getattr(target, "Config", None)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
         try:
             inspect.signature(target).bind(**settings)
         except TypeError as e:
             pytest.fail(f"{where}: {sorted(settings)} do not fit {target.__qualname__}{inspect.signature(target)}: {e}")
-        return
+        if not dataclasses.is_dataclass(schema):
+            return
     schema = getattr(target, "Config", None)
     assert dataclasses.is_dataclass(schema), f"{where}: {target.__qualname__} takes **kwargs but documents no Config"
     known = {f.name for f in dataclasses.fields(schema)}
@@ -80,6 +82,28 @@ def test_every_group_option_instantiates(group, option):
     obj = build(cfg[group])
     if group in BASES:
         assert isinstance(obj, BASES[group])
+
+
+def _settings_classes() -> list[type]:
+    import tokenflow
+    import tokenflow.editors
+
+    found = {getattr(m, n) for m in (tokenflow, tokenflow.editors) for n in m.__all__}
+    return sorted((c for c in found if isinstance(c, type) and dataclasses.is_dataclass(getattr(c, "Config", None))),
+                  key=lambda c: c.__qualname__)
+
+
+@pytest.mark.parametrize("cls", _settings_classes(), ids=lambda c: c.__qualname__)
+def test_constructors_show_their_settings(cls):
+    """help(), inspect.signature and notebook completion list a class's settings (its Config fields, with their
+    defaults), not an opaque ``**config``."""
+    parameters = inspect.signature(cls).parameters
+    assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()), \
+        f"{cls.__qualname__}{inspect.signature(cls)} hides its settings behind **kwargs — decorate it with @configured"
+    config = cls.Config()
+    for f in dataclasses.fields(cls.Config):
+        assert f.name in parameters, f"{cls.__qualname__}: setting {f.name!r} missing from the signature"
+        assert parameters[f.name].default == getattr(config, f.name), f"{cls.__qualname__}.{f.name}: default differs"
 
 
 @pytest.mark.parametrize("name", ["edit", "invert"])

@@ -1,7 +1,10 @@
-"""Named choices of config dataclasses as ``str`` enums: OmegaConf checks them on the command line
-(``Invalid value 'x', expected one of [...]``) and :func:`choice` checks them in Python."""
+"""Settings of config dataclasses: named choices as ``str`` enums (OmegaConf checks them on the command line,
+:func:`choice` in Python), range checks, and :func:`configured` (a settings class's fields as its constructor's
+signature)."""
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from enum import Enum
 from typing import TypeVar
@@ -9,6 +12,21 @@ from typing import TypeVar
 from tokenflow.errors import ConfigError
 
 E = TypeVar("E", bound=Enum)
+C = TypeVar("C", bound=type)
+
+
+def configured(cls: C) -> C:
+    """Class decorator for ``__init__(self, ..., **config)`` classes with a ``Config`` dataclass: the constructor's
+    signature (``help()``, ``inspect.signature``, notebook completion) lists the dataclass's fields as keyword
+    parameters with their defaults and types; the dataclass stays the one place the settings are written."""
+    own = inspect.signature(cls.__init__).parameters.values()  # self and named parameters (e.g. a search) first
+    params = [p for p in own if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    for f in dataclasses.fields(cls.Config):
+        default = (f.default if f.default is not dataclasses.MISSING else
+                   f.default_factory() if f.default_factory is not dataclasses.MISSING else inspect.Parameter.empty)
+        params.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=f.type))
+    cls.__init__.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    return cls
 
 
 def choice(kind: type[E], value: object, name: str) -> E:

@@ -23,6 +23,7 @@ from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.trajectory import InversionResult, TensorTrajectory, Trajectory
 from tokenflow.samplers import Grid, Sampler, model_sampler, sampler_for
+from tokenflow.options import configured
 
 
 def image_conditioning(model, clean: Tensor) -> Tensor | None:
@@ -116,6 +117,7 @@ class DDIMInverterConfig:
                               "invert with at least as many steps as the editor samples")
 
 
+@configured
 class DDIMInverter(Inverter):
     """Deterministic DDIM inversion conditioned on the inversion prompt, without guidance.
 

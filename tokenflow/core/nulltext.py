@@ -27,6 +27,7 @@ from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding
 from tokenflow.models.ddim import ddim_timesteps, previous_timestep
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings, TensorTrajectory, Trajectory
+from tokenflow.options import configured
 
 
 @dataclass
@@ -61,6 +62,7 @@ def _guided_eps(model, z: Tensor, t: int, uncond: TextEmbedding, cond: TextEmbed
     return e_u + guidance_scale * (e_c - e_u)
 
 
+@configured
 class NullTextInverter(Inverter):
     """DDIM inversion plus per-frame, per-timestep optimised null-text embeddings (``result.null_text``)."""
 

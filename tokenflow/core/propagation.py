@@ -25,7 +25,7 @@ from tokenflow.core.correspondence_cache import CorrespondenceRecord, record_key
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout
-from tokenflow.options import choice
+from tokenflow.options import choice, configured
 from tokenflow.paths import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -195,6 +195,7 @@ class TokenFlowPropagatorConfig:
             raise ConfigError("propagator.blocks=[] propagates nothing — use propagator=none for per-frame editing")
 
 
+@configured
 class TokenFlowPropagator(Propagator):
     """Nearest-neighbour token propagation (TokenFlow).
 
