@@ -41,6 +41,8 @@ from torch import Tensor
 from tokenflow.core.editor import SOURCE, Branch, EditInputs, KeyframeEditor, Step
 from tokenflow.core.guidance import cfg
 from tokenflow.errors import ConfigError
+from tokenflow.rng import seeded
+from tokenflow.options import configured
 
 @dataclass
 class FlowEditConfig:
@@ -66,6 +68,7 @@ class FlowEditConfig:
                 raise ConfigError(f"editor.{name}={value} must be a finite number >= 0 — SD 3: 3.5 / 13.5, FLUX: 1.5 / 5.5")
 
 
+@configured
 class FlowEditEditor(KeyframeEditor):
     """FlowEdit keyframes; see the module docstring."""
 
@@ -95,9 +98,9 @@ class FlowEditEditor(KeyframeEditor):
         self._src = model.encode_text(inputs.inversion_prompt)
         self._tar = model.encode_text(inputs.prompt)
         self._neg = model.encode_text(inputs.negative_prompt) if (self._cfg_src or self._cfg_tar) else None
-        self._n = min(int(c.n_max), len(inputs.timesteps))
+        self._n = min(int(c.n_max), len(inputs.grid))
         self._switch = self._n - int(c.n_min)  # first plain-sampling step (index into the edit's steps)
-        self._generator = torch.Generator().manual_seed(int(c.seed))
+        self._generator = seeded(c.seed)
         self._noise_at: tuple[int, list[Tensor]] | None = None
 
     def timesteps(self, grid: list) -> list:

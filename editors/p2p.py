@@ -115,7 +115,7 @@ class PromptToPromptEditor(KeyframeEditor):
         self._blend_positions = self._word_positions(tok, source, inputs.prompt) if c.blend_words else None
         self._embeddings = {SOURCE: model.encode_text(source), TARGET: model.encode_text(inputs.prompt)}
         self._uncond = UnconditionalEmbedding(inputs, c.guidance_scale) if c.guidance_scale != 1 else None
-        self._inversion, self._timesteps = inputs.inversion, list(inputs.timesteps)
+        self._inversion, self._timesteps = inputs.inversion, list(inputs.grid)
 
     def _word_positions(self, tok, source: str, target: str) -> tuple[list[int], list[int]]:
         src, tgt = [], []

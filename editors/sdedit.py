@@ -33,7 +33,8 @@ from enum import Enum
 
 from tokenflow.core.editor import EditInputs
 from tokenflow.core.guidance import GuidedEditor
-from tokenflow.options import choice, fraction, non_negative
+from tokenflow.options import choice, configured, fraction, non_negative
+from tokenflow.rng import seeded
 
 
 class Noise(str, Enum):
@@ -69,6 +70,7 @@ def start_index(strength: float, n: int, slicing: str = "exact") -> int:
     return n - math.floor(strength * n + 0.5)
 
 
+@configured
 class SDEditEditor(GuidedEditor):
     """SDEdit: start from re-noised input latents part-way down the grid, CFG towards the prompt."""
 
@@ -87,8 +89,7 @@ class SDEditEditor(GuidedEditor):
         if self.config.noise == "inversion":
             t = inv.timesteps[0]
             return inputs.sampler.noise_from_latent(z0, inv.at(t).float(), inputs.sampler.level(t))
-        g = torch.Generator().manual_seed(self.config.seed)
-        return torch.randn((1, *z0.shape[1:]), generator=g).expand_as(z0).clone()
+        return torch.randn((1, *z0.shape[1:]), generator=seeded(self.config.seed)).expand_as(z0).clone()
 
     def initial_latents(self, inputs: EditInputs, timesteps: list[int]) -> Tensor:
         """z0 re-noised to ``timesteps[0]`` (N, C, h, w); z0 itself when there are no steps."""

@@ -31,8 +31,8 @@ def run_one(name: str, overrides: list[str], args: dict, queue) -> None:
 
     import tokenflow.cli.config  # noqa: F401
     from tokenflow import TokenFlowPipeline, invert_video, read_video
-    from tokenflow.storage.video import round_frames_down
-    from tokenflow.cli.config import build
+    from tokenflow.sizing import round_frames_down
+    from tokenflow.instantiation import build
     from tokenflow.models.ddim import ddim_timesteps
     from tokenflow.core.inversion import sample
 

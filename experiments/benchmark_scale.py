@@ -36,7 +36,8 @@ def looped_clip(source: Path, n: int, size: int, folder: Path) -> Path:
     """``source``'s frames at size x size, looped to ``n`` frames, as an mp4 in ``folder``."""
     import numpy as np
 
-    from tokenflow.storage.video import read_video, write_video
+    from tokenflow.storage.mp4 import write_video
+    from tokenflow.storage.video import read_video
 
     clip = read_video(source, height=size, width=size)
     frames = np.concatenate([clip.frames] * (-(-n // clip.n_frames)))[:n]
@@ -50,12 +51,14 @@ def worker(video: str, n: int, size: int, steps: int, inversion_steps: int | Non
     from hydra import compose, initialize_config_module
 
     import tokenflow.cli.config  # noqa: F401  registers the run schema
-    from tokenflow.cli.config import build
+    from tokenflow.instantiation import build
     from tokenflow.core.memory import current_rss, peak_rss
     from tokenflow.core.pipeline import TokenFlowPipeline
     from tokenflow.models.loading import load_model
     from tokenflow.storage.cache import InversionCache
-    from tokenflow.storage.video import FrameWriter, VideoWriter, read_video, write_frames, write_video
+    from tokenflow.storage.mp4 import VideoWriter, write_video
+    from tokenflow.storage.png import FrameWriter, write_frames
+    from tokenflow.storage.video import read_video
 
     torch.manual_seed(0)
     args = [f"video={video}", "model=tiny", f"n_frames={n}", f"height={size}", f"width={size}", f"n_steps={steps}",

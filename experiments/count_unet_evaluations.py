@@ -27,7 +27,7 @@ def count(model, editor_name: str, propagator_name: str, video, n_steps: int) ->
                                    PnPEditor, PromptToPromptEditor, SDEditEditor)
     from tokenflow.models.trajectory import InversionResult
     from tokenflow.core.inversion import image_seq_len
-    from tokenflow.core.pipeline import encode_video
+    from tokenflow.core.video_inversion import encode_video
 
     editors = {
         "pnp": lambda: PnPEditor(),

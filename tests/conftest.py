@@ -8,6 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+# One intra-op thread per test process, subprocesses included: the tiny models are latency-bound, and two torch
+# threads on a 2-core machine wait on each other (see ``one_thread``); the suite's parallelism is pytest-xdist's
+# workers (``-n auto``), one process per core.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test videos not found at {DATA} (the shared data folder sits beside the repo only on the project's machines)")
 

@@ -82,7 +82,7 @@ def _inverter():
 
 def _key(tiny, video) -> str:
     from tokenflow.storage.cache import cache_key
-    from tokenflow.storage.video import video_fingerprint
+    from tokenflow.digests import video_fingerprint
 
     return cache_key(video=video_fingerprint(video), model=tiny.fingerprint, inverter=_inverter().settings(),
                      prompt="a wolf")

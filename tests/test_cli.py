@@ -155,7 +155,7 @@ def test_own_editor_and_propagator_by_dotted_path(tmp_path, cache_dir):
     """editor=module.Class and propagator=module.Class from the current folder: that class, its own settings only."""
     import numpy as np
 
-    from tokenflow.storage.video import write_video
+    from tokenflow.storage.mp4 import write_video
 
     (tmp_path / "my_parts.py").write_text(MY_PARTS)
     write_video(tmp_path / "clip.mp4", np.random.default_rng(0).integers(0, 255, (3, 64, 64, 3), dtype=np.uint8), 10.0)

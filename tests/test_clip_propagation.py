@@ -200,7 +200,7 @@ def test_reference_adaflow_reproduces_adaflows_code(tiny):
     against max_kv_size 2, so the keyframe pass is slimmed and clips span chunk passes."""
     from hydra import compose, initialize_config_module
     import tokenflow.cli.config  # noqa: F401
-    from tokenflow.cli.config import build
+    from tokenflow.instantiation import build
     from tokenflow.models.tiny import TinyModelSpec
 
     meta = json.loads(GOLDEN.with_suffix(".json").read_text())

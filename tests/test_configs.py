@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import tokenflow.cli.config  # noqa: F401  registers the run schema
 from tokenflow.editors import PnPEditor
-from tokenflow.cli.config import build
+from tokenflow.instantiation import build
 from tokenflow.errors import ConfigError
 from tokenflow.core.editor import KeyframeEditor
 from tokenflow.core.inversion import Inverter

@@ -192,7 +192,7 @@ def test_soft_edges_peak_on_the_step_and_fall_off_symmetrically():
 
 
 def test_precomputed_maps_are_read_and_counted(tmp_path):
-    from tokenflow.storage.video import write_frames
+    from tokenflow.storage.png import write_frames
 
     frames = np.stack([np.full((64, 64, 3), 40 * i, np.uint8) for i in range(3)])
     write_frames(tmp_path / "maps", frames)
@@ -340,7 +340,7 @@ def test_every_setting_of_the_base_editor_is_reachable_from_the_command_line(ove
     start latent, which ControlNet's own config once left unreachable, are set on the command line."""
     from hydra import compose, initialize_config_module
 
-    from tokenflow.cli.config import build
+    from tokenflow.instantiation import build
 
     with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
         cfg = compose(config_name="edit", overrides=["video=x.mp4", "editor=controlnet", *overrides])

@@ -219,6 +219,38 @@ def test_extended_attention_equals_softmax_over_all_keyframes(tiny, chunk):
     assert torch.equal(kept.source, x[0]) and torch.equal(kept.outputs, out[1:])
 
 
+@pytest.mark.parametrize("mode", ["clean", "propagated"])
+def test_source_features_say_whether_the_source_branch_is_propagated(tiny, mode):
+    """In a propagate-phase call, ``source_features=propagated`` gives the source branch the keyframe's source
+    outputs at the nearest neighbours (as the edit branch), ``clean`` its own per-frame attention (hand-computed).
+    The frames are the keyframe's tokens plus small noise: every token's nearest neighbour is itself, and the
+    per-frame attention of the noisy tokens differs from the keyframe's, so the two modes are told apart."""
+    layout = UNetLayout.from_unet(tiny.unet)
+    name = layout.self_attention[0]
+    attn = tiny.unet.get_submodule(name)
+    width, n_tokens = attn.to_q.in_features, 64
+    g = torch.Generator().manual_seed(1)
+    key_x = torch.randn(2, 1, n_tokens, width, generator=g)  # (source, cond) x 1 keyframe
+    emb = torch.zeros(1, 4, 32)
+    branches = (Branch(SOURCE, emb, latents="source", joint=False), Branch("cond", emb))
+    runtime = TokenFlowRuntime(_Plain(), TokenFlowPropagator(source_features=mode), latent_hw=(8, 8))
+    processor = TokenFlowSelfAttention(name, runtime)
+    keyframes, frames = torch.tensor([0]), torch.tensor([1, 2])
+    runtime.step = Step(0, 501, 1, "keyframes", keyframes, keyframes, branches)
+    x = key_x.expand(-1, 2, -1, -1) + 0.01 * torch.randn(2, 2, n_tokens, width, generator=g)
+    with torch.no_grad():
+        key_out = processor(attn, key_x.flatten(0, 1)).unflatten(0, (2, 1))
+        runtime.step = Step(0, 501, 1, "propagate", frames, keyframes, branches)
+        out = processor(attn, x.flatten(0, 1)).unflatten(0, (2, 2))
+        own = attention_oracle(attn, attn.to_q(x[0]), attn.to_k(x[0]), attn.to_v(x[0]), joint=False)
+    assert torch.allclose(out[1], key_out[1].expand(2, -1, -1), atol=1e-6)  # the edit branch: propagated
+    assert (own - key_out[0].double()).abs().max() > 1e-4  # the modes differ on these frames
+    if mode == "propagated":
+        assert torch.allclose(out[0], key_out[0].expand(2, -1, -1), atol=1e-6)
+    else:
+        assert torch.allclose(out[0].double(), own, atol=1e-5, rtol=1e-4)
+
+
 # ---- 3. propagation with known nearest neighbours and hand-computed weights ----------------------------------
 
 S, C, D = 16, 16, 6  # tokens (4x4 grid), source channels, output channels

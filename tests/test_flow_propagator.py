@@ -404,7 +404,7 @@ def test_config_group_validates_keys():
     from hydra import compose, initialize_config_module
 
     import tokenflow.cli.config  # noqa: F401  registers the run schema
-    from tokenflow.cli.config import build
+    from tokenflow.instantiation import build
 
     with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
         cfg = compose(config_name="edit", overrides=["video=x.mp4", "propagator=flow", "cache_dir=/tmp/c", "use_cache=false"])

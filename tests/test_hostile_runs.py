@@ -70,7 +70,7 @@ def test_guidance_weights_must_be_finite_in_the_python_api():
 
 def test_flat_frames_are_not_scored_as_perfect():
     """All-black frames (what a NaN edit decodes to) would get warp error 0: no metric is reported for them."""
-    from tokenflow.evaluation.scores import build_suite
+    from tokenflow.evaluation.suites import build_suite
     from conftest import translating_clip
 
     source = translating_clip(n=4, h=64, w=64)
@@ -231,3 +231,23 @@ def test_an_allocation_that_fails_inside_a_wrapper_is_one_line():
     except InstantiationException as wrapped:
         line = user_error(wrapped)
     assert line.startswith("the run ran out of memory (") and "can't allocate memory" in line and " — " in line
+
+
+def test_hydra_saving_its_files_on_a_full_disk_is_named(small_disk):
+    """Hydra writes .hydra/*.yaml before the job runs, and its OSError names no file: the message still names the
+    file and the run folder (which of config.yaml and .hydra/ fills the disk first depends on the log's length)."""
+    from hydra.core.utils import _save_config
+    from omegaconf import OmegaConf
+
+    from tokenflow.cli.messages import hydra_save_failure, user_error
+
+    disk = small_disk("16k")
+    (disk / "fill").write_bytes(b"x" * 12 * 1024)
+    with pytest.raises(OSError) as raised:
+        _save_config(OmegaConf.create({"text": "y" * 8192}), "config.yaml", disk / "run" / ".hydra")
+    assert not raised.value.filename  # what Hydra raises
+    named, places = hydra_save_failure(raised.value)
+    line = user_error(named, [], places)
+    assert f"'{disk}/run/.hydra/config.yaml' in the run folder {disk}/run" in line, line
+    other = ValueError("x")
+    assert hydra_save_failure(other) == (other, {})  # anything else passes through

@@ -9,7 +9,7 @@ import torch
 
 from conftest import UNetCounter, translation_clip
 from test_core_oracles import _Plain
-from tokenflow import (DDIMInverter, FixedKeyframes, RandomKeyframes, TokenFlowPipeline, TokenFlowPropagator,
+from tokenflow import (DDIMInverter, RandomKeyframes, TokenFlowPipeline, TokenFlowPropagator,
                        invert_video)
 from tokenflow.core.attention import KeyframeAttention, TokenFlowRuntime, TokenFlowSelfAttention
 from tokenflow.core.editor import SOURCE, Branch, Step
@@ -115,17 +115,40 @@ def test_bounded_context_needs_the_paper_blend(tiny):
         KeyframeAttention("nearby")
 
 
-def test_propagating_only_some_stages(tiny, inversion):
-    """stages=[up]: down and mid layers attend per frame in the propagate pass and keep no tokens; the edit is
-    between the full method and per-frame editing."""
+def test_propagating_only_some_stages(tiny, inversion, monkeypatch):
+    """stages=[up]: only the decoder's self-attention layers are propagated (and keep keyframe tokens); down and mid
+    layers attend per frame in the propagate pass; the edit is between the full method and per-frame editing."""
     from tokenflow import NoPropagation
 
-    def edit(propagator):
-        pipe = TokenFlowPipeline(tiny, PnPEditor(), propagator, RandomKeyframes(2, seed=4), n_steps=3, chunk_size=2)
-        return pipe.edit(inversion, "a red texture", "ugly", progress=False).latents
+    layout = UNetLayout.from_unet(tiny.unet)
+    every = set(layout.self_attention)
+    up = {name for name in every if layout.stage[name] == "up"}
+    assert up and every - up  # the tiny UNet has layers in each stage
+    propagated: set[str] = set()
+    kept: set[str] = set()
+    original_propagate, original_clear = TokenFlowPropagator.propagate, TokenFlowRuntime.clear_step
 
-    full, up, per_frame = edit(TokenFlowPropagator()), edit(TokenFlowPropagator(stages=["up"])), edit(NoPropagation())
-    d_full, d_frame = float((up - full).norm()), float((up - per_frame).norm())
+    def spy_propagate(self, query):
+        propagated.add(query.layer)
+        return original_propagate(self, query)
+
+    def spy_clear(self):  # at the end of each step: the layers that held keyframe tokens during it
+        kept.update(self.keyframe_tokens)
+        original_clear(self)
+    monkeypatch.setattr(TokenFlowPropagator, "propagate", spy_propagate)
+    monkeypatch.setattr(TokenFlowRuntime, "clear_step", spy_clear)
+
+    def edit(propagator):
+        propagated.clear(), kept.clear()
+        pipe = TokenFlowPipeline(tiny, PnPEditor(), propagator, RandomKeyframes(2, seed=4), n_steps=3, chunk_size=2)
+        return pipe.edit(inversion, "a red texture", "ugly", progress=False).latents, set(propagated), set(kept)
+
+    (full, full_layers, full_kept), (up_only, up_layers, up_kept) = edit(TokenFlowPropagator()), \
+        edit(TokenFlowPropagator(stages=["up"]))
+    per_frame, _, _ = edit(NoPropagation())
+    assert full_layers == every and up_layers == up, sorted(up_layers ^ up)
+    assert up_kept == up and full_kept == every  # down/mid layers keep no keyframe tokens with stages=[up]
+    d_full, d_frame = float((up_only - full).norm()), float((up_only - per_frame).norm())
     assert d_full > 0 and d_frame > 0, (d_full, d_frame)
     with pytest.raises(ConfigError, match="propagator.stages\\[\\]='sideways' is unknown"):
         TokenFlowPropagator(stages=["sideways"])

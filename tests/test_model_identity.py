@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tokenflow.core.inversion import DDIMInverter
-from tokenflow.core.pipeline import invert_video
+from tokenflow.core.video_inversion import invert_video
 from tokenflow.models.loading import load_model
 from tokenflow.storage.cache import InversionCache
 from tokenflow.storage.video import Video

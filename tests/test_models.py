@@ -11,7 +11,7 @@ import torch
 
 from conftest import UNetCounter
 from tokenflow.core.inversion import DDIMInverter
-from tokenflow.core.pipeline import invert_video
+from tokenflow.core.video_inversion import invert_video
 from tokenflow.errors import ConfigError, ModelLoadError
 from tokenflow.models.backbone import check_architecture
 from tokenflow.models.layout import UNetLayout
@@ -111,6 +111,33 @@ def test_tiny_build_is_deterministic(tmp_path):
     assert _digest(tmp_path / "a") == _digest(tmp_path / "b")
     build_tiny_pipeline(tmp_path / "c", TinyModelSpec(seed=4, variant="sd15"))
     assert _digest(tmp_path / "c") != _digest(tmp_path / "a")
+
+
+def test_a_tiny_build_leaves_the_callers_rng_alone(tmp_path):
+    """Module initialisers draw from the global RNG: a build seeds it in a fork, the caller's draws go on unchanged."""
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    build_tiny_pipeline(tmp_path / "a", TinyModelSpec(variant="sd15"))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_build_once_publishes_the_whole_folder_or_nothing(tmp_path):
+    from tokenflow.models.tiny import build_once
+
+    target, staged = tmp_path / "models" / "tiny-x", []
+
+    def fails(folder):
+        staged.append(folder)
+        (folder / "half").write_text("written before the disk filled up")
+        raise OSError("No space left on device (simulated)")
+
+    with pytest.raises(OSError, match="No space left"):
+        build_once(target, "done", fails)
+    assert staged[0].parent == target.parent and staged[0].name.startswith(".tiny-x.tmp-")  # owned: remove_stale
+    assert not list(target.parent.iterdir())
+    target.mkdir()  # an empty folder in its place is replaced
+    assert (build_once(target, "done", lambda folder: (folder / "done").write_text("")) / "done").is_file()
 
 
 def test_default_tiny_is_sd21_base_shaped(tiny):

@@ -120,7 +120,7 @@ def test_the_table_lives_on_disk_and_nothing_reads_whole_tensors(tiny, tmp_path,
     from tokenflow.models.trajectory import FileTrajectory, TensorTrajectory
 
     inverter, video = NullTextInverter(n_steps=3, inner_steps=2), _clip(3)
-    from tokenflow.core.pipeline import encode_video
+    from tokenflow.core.video_inversion import encode_video
 
     in_ram = inverter.invert(tiny, encode_video(tiny, video), "x", progress=False)
     assert isinstance(in_ram.null_text.store, TensorTrajectory)

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 import tokenflow
 from tokenflow.evaluation.provenance import (MANIFEST_NAME, git_info, library_info, package_versions, run_manifest,
                                              write_manifest)
-from tokenflow.storage.video import Video, video_fingerprint
+from tokenflow.digests import video_fingerprint
+from tokenflow.storage.video import Video
 from conftest import translating_clip
 
 REPO = Path(tokenflow.__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 import tokenflow.cli.config  # noqa: F401  registers the run schema
 from conftest import needs_data
 from tokenflow import FixedKeyframes, TokenFlowPipeline, invert_video
-from tokenflow.cli.config import build
+from tokenflow.instantiation import build
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "reference.md"
 

@@ -34,7 +34,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     """Bad (and a few good) inputs, made here so the suite needs nothing from outside."""
     from PIL import Image
 
-    from tokenflow.storage.video import write_video
+    from tokenflow.storage.mp4 import write_video
 
     d = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
@@ -199,7 +199,7 @@ FULL_DISK = textwrap.dedent("""
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)           # writes past the limit fail with EFBIG, as on a full disk
     resource.setrlimit(resource.RLIMIT_FSIZE, (60_000, 60_000))
     from tokenflow.errors import VideoError
-    from tokenflow.storage.video import write_video
+    from tokenflow.storage.mp4 import write_video
     frames = np.random.default_rng(0).integers(0, 255, (12, 128, 128, 3), dtype=np.uint8)  # ~50 kB a frame
     try:
         write_video(sys.argv[1], frames, 10.0)
@@ -220,16 +220,16 @@ def test_full_disk_publishes_no_video(tmp_path):
 
 def test_encoder_refusal_and_short_writes_publish_nothing(tmp_path, monkeypatch):
     """A size the encoder refuses, and an encoder that exits 0 but wrote fewer frames, publish no file."""
-    import tokenflow.storage.video as video
+    import tokenflow.storage.mp4 as mp4
     from tokenflow.errors import VideoError
 
     frames = np.zeros((2, 64, 64, 3), np.uint8)
     with pytest.raises(VideoError, match="at most 16384 pixels"):
-        video.write_video(tmp_path / "wide.mp4", np.zeros((1, 64, 16448, 3), np.uint8), 10.0)
-    real = video._encode_h264
-    monkeypatch.setattr(video, "_encode_h264", lambda path, f, fps: real(path, f[:1], fps))  # stops after 1 frame
+        mp4.write_video(tmp_path / "wide.mp4", np.zeros((1, 64, 16448, 3), np.uint8), 10.0)
+    real = mp4._encode_h264
+    monkeypatch.setattr(mp4, "_encode_h264", lambda path, f, fps: real(path, f[:1], fps))  # stops after 1 frame
     with pytest.raises(VideoError, match="holds 1 frames of 64x64, not 2"):
-        video.write_video(tmp_path / "short.mp4", frames, 10.0)
+        mp4.write_video(tmp_path / "short.mp4", frames, 10.0)
     assert not list(tmp_path.iterdir())
 
 
@@ -318,7 +318,7 @@ KILLER = textwrap.dedent("""
         import tokenflow.storage.cache as c
         c.EntryWriter.publish = lambda self, *a, **k: die()
     elif point == "video-encode":  # edited.mp4's encoder mid-stream (frames are streamed to it as decoded)
-        import tokenflow.storage.video as v
+        import tokenflow.storage.mp4 as v
         real = v.VideoWriter.write
         def partial(self, frames):
             real(self, frames[:1])
@@ -335,7 +335,7 @@ KILLER = textwrap.dedent("""
             return real_save(self, fp, *a, **k)
         PIL.Image.Image.save = save
     elif point == "metrics":  # every output written, metrics.json not yet
-        import tokenflow.cli.report as r
+        import tokenflow.runs.report as r
         real_write = r.RunReport.write
         r.RunReport.write = lambda self, error=None: die()
     from tokenflow.cli.main import edit_main

@@ -11,11 +11,16 @@ import pytest
 import torch
 
 from tokenflow.errors import ConfigError, ModelLoadError
-from tokenflow.evaluation.scores import (BENCHMARKS, MEANINGLESS, PIPELINE_METRICS, BackgroundMetric, ClipMetric,
-                                         DinoStructureMetric, MetricSuite, TrackMetric, VideoMetric,
-                                         WarpErrorMetric, build_suite, key_projections, main, pipeline_definitions,
-                                         recompute)
-from tokenflow.evaluation.summary import read_native, write_job
+from tokenflow.cli.metrics import main
+from tokenflow.evaluation.benchmarks import BENCHMARKS
+from tokenflow.evaluation.interface import MetricSuite, VideoMetric
+from tokenflow.evaluation.model_metrics import MEANINGLESS, ClipMetric, DinoStructureMetric, key_projections
+from tokenflow.evaluation.recompute import recompute
+from tokenflow.evaluation.suites import build_suite
+from tokenflow.evaluation.weight_free import BackgroundMetric, TrackMetric, WarpErrorMetric
+from tokenflow.runs.job_folder import write_job
+from tokenflow.runs.outputs import read_native
+from tokenflow.runs.pipeline_metrics import PIPELINE_METRICS, pipeline_definitions
 from tokenflow.models.tiny_eval import MARKER, TinyDinoSpec, tiny_dino_folder
 from conftest import translating_clip
 
@@ -225,11 +230,11 @@ def test_recompute_updates_metrics_json_atomically(tmp_path: Path, clip4: np.nda
 
 
 def test_recompute_uses_the_runs_own_metrics_config_and_mask_files(tmp_path: Path, clip4: np.ndarray) -> None:
-    from tokenflow.storage.video import write_frames
+    from tokenflow.storage.png import write_frames
 
-    own = {"_target_": "tokenflow.evaluation.scores.MetricSuite",
-           "warp": {"_target_": "tokenflow.evaluation.scores.WarpErrorMetric", "method": "dis"},
-           "background": {"_target_": "tokenflow.evaluation.scores.BackgroundMetric"}}
+    own = {"_target_": "tokenflow.evaluation.interface.MetricSuite",
+           "warp": {"_target_": "tokenflow.evaluation.weight_free.WarpErrorMetric", "method": "dis"},
+           "background": {"_target_": "tokenflow.evaluation.weight_free.BackgroundMetric"}}
     edited = clip4.copy()
     edited[:, 8:24, 8:24] = 255 - edited[:, 8:24, 8:24]
     run = write_job(tmp_path / "run", {}, config={"metrics": own, "prompt": ""}, source=clip4, edited=edited)

@@ -78,7 +78,7 @@ def test_inversion_noise_at_the_noisiest_step_is_the_inverted_latent(tiny, clip_
     inputs = _inputs(tiny, clip_inversion)
     editor = SDEditEditor(strength=1.0)
     editor.prepare(inputs)
-    steps = editor.timesteps(inputs.timesteps)
+    steps = editor.timesteps(inputs.grid)
     x = editor.initial_latents(inputs, steps)
     assert steps[0] == clip_inversion.timesteps[0]
     assert torch.allclose(x, clip_inversion.at(steps[0]), atol=1e-5)
@@ -87,7 +87,7 @@ def test_inversion_noise_at_the_noisiest_step_is_the_inverted_latent(tiny, clip_
 def test_random_noise_is_seeded_and_differs_from_inversion_noise(tiny, clip_inversion):
     inputs = _inputs(tiny, clip_inversion)
     state = torch.random.get_rng_state()
-    start = lambda **kw: SDEditEditor(strength=0.5, **kw).initial_latents(inputs, inputs.timesteps[3:])
+    start = lambda **kw: SDEditEditor(strength=0.5, **kw).initial_latents(inputs, inputs.grid[3:])
     a, b, c, d = start(noise="random", seed=3), start(noise="random", seed=3), start(noise="random", seed=4), start()
     assert torch.equal(a, b) and not torch.allclose(a, c) and not torch.allclose(a, d)
     assert torch.equal(torch.random.get_rng_state(), state)  # a dedicated generator, the global RNG untouched

@@ -238,17 +238,41 @@ def test_auto_measures_once_per_shape_and_keeps_the_faster(monkeypatch):
 
 
 @needs_faiss
-def test_faiss_flat_builds_no_index_and_copies_nothing(monkeypatch):
-    """Exact faiss search goes through faiss.knn on the tensors: building an index would fail here."""
+def test_faiss_flat_builds_no_index_and_hands_faiss_the_tensors(monkeypatch):
+    """Exact faiss search calls faiss.knn on torch tensors (its torch interop: on CUDA with faiss-gpu, knn_gpu on
+    the device tensors), once per batch element with the normalised rows: no index is built (building one fails
+    here) and no numpy copy is made (Tensor.numpy fails here)."""
     import faiss
+
+    search = FaissNeighbourSearch("flat")
+    search._torch_faiss()  # install faiss's torch interop, as the first search does
+    seen = []
+    interop_knn = faiss.knn
+
+    def spy(xq, xb, k, *args, **kwargs):
+        seen.append((xq, xb))
+        return interop_knn(xq, xb, k, *args, **kwargs)
 
     def no_index(*args, **kwargs):
         raise AssertionError("flat search must not build an index")
+
+    def no_numpy(self, *args, **kwargs):
+        raise AssertionError("flat search must not copy the tokens into numpy arrays")
+
     monkeypatch.setattr(faiss, "IndexFlatIP", no_index)
+    monkeypatch.setattr(faiss, "knn", spy)
     gen = torch.Generator().manual_seed(4)
     queries, keys = torch.randn(3, 40, 32, generator=gen), torch.randn(3, 50, 32, generator=gen)
-    index, sim = FaissNeighbourSearch("flat").search(queries, keys)
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "numpy", no_numpy)
+        index, sim = search.search(queries, keys)
     assert_matches(index, sim, queries, keys)
+    assert len(seen) == 3
+    for b, (xq, xb) in enumerate(seen):
+        assert isinstance(xq, torch.Tensor) and isinstance(xb, torch.Tensor)
+        assert xq.is_contiguous() and xq.dtype == torch.float32 and xq.device == queries.device
+        assert torch.allclose(xq, torch.nn.functional.normalize(queries[b], dim=-1), atol=1e-6)
+        assert torch.allclose(xb, torch.nn.functional.normalize(keys[b], dim=-1), atol=1e-6)
 
 
 def test_recall_at_1():
@@ -283,7 +307,7 @@ def wolf_tokens(tiny, wolf8):
     """layer -> source self-attention input tokens (8, S, C) of wolf8 at the first of 2 DDIM steps."""
     from tokenflow.evaluation.correspondence import source_tokens
     from tokenflow.core.inversion import DDIMInverter
-    from tokenflow.core.pipeline import invert_video
+    from tokenflow.core.video_inversion import invert_video
 
     inversion = invert_video(tiny, wolf8, DDIMInverter(n_steps=2, keep_steps=2), "a wolf", progress=False)[0]
     return {layer: source_tokens(tiny, inversion, layer, inversion.timesteps[0]).float() for layer in (0, 6, 13)}

@@ -35,7 +35,7 @@ def _invert(tiny, video, cache=None, steps: int = 2, **kwargs):
 def _key(tiny, video, steps: int = 2) -> str:
     from tokenflow import DDIMInverter
     from tokenflow.storage.cache import cache_key
-    from tokenflow.storage.video import video_fingerprint
+    from tokenflow.digests import video_fingerprint
 
     inverter = DDIMInverter(n_steps=steps, keep_steps=steps)
     return cache_key(video=video_fingerprint(video), model=tiny.fingerprint, inverter=inverter.settings(),

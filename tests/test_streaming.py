@@ -17,7 +17,9 @@ from tokenflow import DDIMInverter, RandomKeyframes, TokenFlowPipeline, TokenFlo
 from tokenflow.editors import PnPEditor
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, TensorTrajectory
 from tokenflow.storage.cache import HEADER_ROOM, InversionCache
-from tokenflow.storage.video import FrameWriter, VideoWriter, read_video, write_frames, write_video
+from tokenflow.storage.mp4 import VideoWriter, write_video
+from tokenflow.storage.png import FrameWriter, write_frames
+from tokenflow.storage.video import read_video
 
 STEPS = 2
 
@@ -35,7 +37,7 @@ def clip():
 @pytest.fixture(scope="module")
 def in_ram(tiny, clip):
     """The inversion computed entirely in RAM (a TensorTrajectory), and the edit from it."""
-    from tokenflow.core.pipeline import encode_video
+    from tokenflow.core.video_inversion import encode_video
 
     inversion = DDIMInverter(n_steps=STEPS, keep_steps=STEPS).invert(tiny, encode_video(tiny, clip), "a wolf",
                                                                        progress=False)
@@ -144,7 +146,8 @@ KILLED_ENTRY = textwrap.dedent("""
 """)
 KILLED_VIDEO = textwrap.dedent("""
     import sys, time, numpy as np
-    from tokenflow.storage.video import FrameWriter, VideoWriter
+    from tokenflow.storage.mp4 import VideoWriter
+    from tokenflow.storage.png import FrameWriter
     with VideoWriter(sys.argv[1] + "/edited.mp4", 10.0) as mp4, FrameWriter(sys.argv[1] + "/frames") as pngs:
         frames = np.zeros((4, 64, 64, 3), np.uint8)
         mp4.write(frames)
@@ -243,7 +246,7 @@ def test_long_video_preset_composes_and_runs(tiny, tmp_path):
     from hydra import compose, initialize_config_module
 
     import tokenflow.cli.config  # noqa: F401  registers the run schema
-    from tokenflow.cli.config import build
+    from tokenflow.instantiation import build
 
     with initialize_config_module(config_module="tokenflow.conf", version_base="1.3"):
         cfg = compose(config_name="edit", overrides=["video=x.mp4", "model=tiny", "experiment=long_video",

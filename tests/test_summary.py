@@ -9,9 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tokenflow.evaluation.summary import (_fit, contact_sheet, load_sweep, main, markdown, override_line,
-                                          parse_overrides, plot_metric, read_native, write_contact_sheets, write_job,
-                                          write_plots, write_table)
+from tokenflow.cli.summarize import main
+from tokenflow.evaluation.contact_sheets import _fit, contact_sheet, write_contact_sheets
+from tokenflow.evaluation.plots import plot_metric, write_plots
+from tokenflow.evaluation.sweep import load_sweep
+from tokenflow.evaluation.tables import markdown, write_table
+from tokenflow.runs.job_folder import write_job
+from tokenflow.runs.outputs import read_native
+from tokenflow.runs.overrides import override_line, parse_overrides
 from conftest import translating_clip
 
 STRENGTHS, PROPAGATORS = (0.5, 0.9), ("tokenflow", "none")

@@ -55,7 +55,7 @@ def _jobs(sweep: Path) -> list[dict]:
 
 
 def _frames(job: dict) -> np.ndarray:
-    from tokenflow.evaluation.summary import read_native
+    from tokenflow.runs.outputs import read_native
 
     return read_native(job["dir"] / "frames").frames.astype(np.int16)
 
@@ -114,7 +114,7 @@ def test_joblib_runs_jobs_in_two_workers_each_loading_once(joblib_sweep, basic):
 
 
 def test_summarize_writes_table_plots_and_contact_sheet(basic):
-    from tokenflow.evaluation.summary import main
+    from tokenflow.cli.summarize import main
 
     assert main([str(basic["sweep"])]) == 0
     out = basic["sweep"] / "summary"
@@ -151,8 +151,9 @@ def test_submitit_local_runs_a_job_in_its_own_process(tmp_path, basic):
 def test_dataset_sweep_runs_every_item_and_groups_by_video(tmp_path, basic):
     from conftest import translating_clip
 
-    from tokenflow.evaluation.summary import load_sweep, markdown
-    from tokenflow.storage.video import write_video
+    from tokenflow.evaluation.sweep import load_sweep
+    from tokenflow.evaluation.tables import markdown
+    from tokenflow.storage.mp4 import write_video
 
     for name, seed in (("left", 0), ("right", 1)):
         write_video(tmp_path / "clips" / f"{name}.mp4", translating_clip(n=6, h=64, w=64, seed=seed), 10.0)
@@ -170,7 +171,7 @@ def test_dataset_sweep_runs_every_item_and_groups_by_video(tmp_path, basic):
     assert [j["overrides"]["prompt"] for j in jobs] == ["a fox", "a cat"]
     assert [j["info"]["n_frames"] for j in jobs] == [4, 2]
     assert [Path(j["info"]["video"]).name for j in jobs] == ["left.mp4", "right.mp4"]
-    from tokenflow.evaluation.summary import read_native
+    from tokenflow.runs.outputs import read_native
     from tokenflow.storage.video import read_video
 
     for job, name in zip(jobs, ("left", "right")):  # each job edited its own clip

@@ -237,3 +237,45 @@ def test_reference_keyframe_draw_equals_official_formula():
     torch.manual_seed(seed)  # the official code: seed_everything(seed), then one randint per step
     official = [(torch.randint(stride, (n // stride,)) + torch.arange(0, n, stride)).tolist() for _ in range(50)]
     assert RandomKeyframes(stride, seed, formula="reference").sequence(50, n) == official
+
+
+def test_step_end_callback_reads_and_replaces_the_latents(tiny, synthetic_inversion):
+    """callback_on_step_end (diffusers' convention) is called after every step with the pipeline, the step index,
+    its timestep and the named tensors; returning the latents unchanged changes nothing, a replacement is what the
+    next step starts from (and at the last step, what the edit returns); an unknown tensor name is one line."""
+    from tokenflow.errors import ConfigError
+
+    _, inversion = synthetic_inversion(N_FRAMES, STEPS)
+    pipe = TokenFlowPipeline(tiny, PnPEditor(), TokenFlowPropagator(), RandomKeyframes(2, seed=0), n_steps=STEPS)
+
+    def edit(callback=None, names=("latents",)):
+        return pipe.edit(inversion, "a red car", progress=False, callback_on_step_end=callback,
+                         callback_on_step_end_tensor_inputs=names)
+
+    plain = edit()
+    seen = []
+
+    def record(p, i, t, kwargs):
+        seen.append((p, i, t, kwargs["latents"].clone(), kwargs["keyframes"].tolist()))
+        return kwargs
+    same = edit(record, names=("latents", "keyframes"))
+    assert torch.equal(same.latents, plain.latents)
+    assert [(p, i, t) for p, i, t, *_ in seen] == [(pipe, i, t) for i, t in enumerate(plain.timesteps)]
+    assert [k for *_, k in seen] == plain.keyframes
+    assert torch.equal(seen[-1][3].cpu(), plain.latents)
+
+    later = []
+
+    def zero_first(p, i, t, kwargs):
+        if i == 0:
+            return {"latents": torch.zeros_like(kwargs["latents"])}
+        later.append(kwargs["latents"].clone())
+    replaced = edit(zero_first)
+    assert not torch.equal(later[0], seen[1][3])  # step 1 started from the zeros
+    assert not torch.equal(replaced.latents, plain.latents)
+    last = edit(lambda p, i, t, kw: {"latents": torch.full_like(kw["latents"], 0.5)} if i == STEPS - 1 else None)
+    assert torch.equal(last.latents, torch.full_like(plain.latents, 0.5))
+    with pytest.raises(ConfigError, match="'noise_pred' is not one of \\['latents', 'keyframes'\\]"):
+        edit(record, names=("noise_pred",))
+    with pytest.raises(ConfigError, match="returned latents of shape \\(1, 4\\) at step 0"):
+        edit(lambda p, i, t, kw: {"latents": torch.zeros(1, 4)})

@@ -70,7 +70,8 @@ def test_a_manifest_with_the_documented_sweep_block_still_runs(tmp_path, cache_d
 
 def _run_folder(folder: Path, metrics_node: dict) -> Path:
     """A finished run folder as tokenflow-edit leaves it (2 frames), with ``metrics_node`` in its config.yaml."""
-    from tokenflow.storage.video import write_frames, write_video
+    from tokenflow.storage.mp4 import write_video
+    from tokenflow.storage.png import write_frames
 
     frames = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 3), dtype=np.uint8)
     folder.mkdir()
@@ -83,19 +84,19 @@ def _run_folder(folder: Path, metrics_node: dict) -> Path:
 
 
 def _rescore(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "import sys; from tokenflow.evaluation.scores import main; "
+    return subprocess.run([sys.executable, "-c", "import sys; from tokenflow.cli.metrics import main; "
                            "sys.exit(main())", *args], capture_output=True, text=True, timeout=300)
 
 
 RUN_CONFIGS = {  # id -> (metrics node of a received run's config.yaml, part of the refusal)
-    "metric-target": (lambda p: {"_target_": "tokenflow.evaluation.scores.MetricSuite", "warp": _payload(p)},
+    "metric-target": (lambda p: {"_target_": "tokenflow.evaluation.interface.MetricSuite", "warp": _payload(p)},
                       "metrics.warp"),
     "suite-target": (lambda p: _payload(p), "metrics"),
-    "nested-target": (lambda p: {"_target_": "tokenflow.evaluation.scores.MetricSuite",
-                                 "warp": {"_target_": "tokenflow.evaluation.scores.WarpErrorMetric",
+    "nested-target": (lambda p: {"_target_": "tokenflow.evaluation.interface.MetricSuite",
+                                 "warp": {"_target_": "tokenflow.evaluation.weight_free.WarpErrorMetric",
                                           "method": _payload(p)}}, "metrics.warp.method"),
-    "resolver": (lambda p: {"_target_": "tokenflow.evaluation.scores.MetricSuite",
-                            "warp": {"_target_": "tokenflow.evaluation.scores.WarpErrorMetric",
+    "resolver": (lambda p: {"_target_": "tokenflow.evaluation.interface.MetricSuite",
+                            "warp": {"_target_": "tokenflow.evaluation.weight_free.WarpErrorMetric",
                                      "method": "${tokenflow.claim:" + str(p) + "}"}}, "interpolation"),
 }
 
@@ -115,8 +116,8 @@ def test_rescoring_a_run_folder_never_instantiates_its_targets(case, tmp_path):
 
 def test_rescoring_rebuilds_the_runs_own_metrics_by_name(tmp_path):
     """A legitimate run folder is rescored with its own (registered) metrics and settings."""
-    run = _run_folder(tmp_path / "run", {"_target_": "tokenflow.evaluation.scores.MetricSuite",
-                                         "warp": {"_target_": "tokenflow.evaluation.scores.WarpErrorMetric",
+    run = _run_folder(tmp_path / "run", {"_target_": "tokenflow.evaluation.interface.MetricSuite",
+                                         "warp": {"_target_": "tokenflow.evaluation.weight_free.WarpErrorMetric",
                                                   "method": "dis"}})
     result = _rescore(str(run))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -129,7 +130,8 @@ def test_the_metric_registry_names_every_shipped_metric():
     """Every `_target_` of conf/metrics/*.yaml is in the registry the run folders are rebuilt from."""
     from importlib import resources
 
-    from tokenflow.evaluation.scores import METRIC_CLASSES, MetricSuite
+    from tokenflow.evaluation.interface import MetricSuite
+    from tokenflow.evaluation.suites import METRIC_CLASSES
 
     targets = set()
     for path in (resources.files("tokenflow.conf") / "metrics").iterdir():

@@ -14,11 +14,13 @@ import torch
 
 from conftest import UNetCounter
 from tokenflow.core.inversion import DDIMInverter
-from tokenflow.core.keyframes import RandomKeyframes
+from tokenflow.core.keyframes import FixedKeyframes, RandomKeyframes
 from tokenflow.core.nulltext import NullTextInverter
-from tokenflow.core.pipeline import TokenFlowPipeline, invert_video
+from tokenflow.core.pipeline import TokenFlowPipeline
+from tokenflow.core.video_inversion import invert_video
 from tokenflow.core.propagation import NoPropagation, TokenFlowPropagator
-from tokenflow.editors import PnPEditor, PromptToPromptEditor, SDEditEditor
+from tokenflow.editors import CFGEditor, PnPEditor, PromptToPromptEditor, SDEditEditor
+from tokenflow.models.layout import UNetLayout
 from tokenflow.models.loading import load_model
 from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
 from tokenflow.models.variants import checkpoint
@@ -120,3 +122,72 @@ def test_every_combination_runs_on_every_variant(loaded, variant, editor, propag
     assert dict(model.unet.attn_processors) == processors and all(
         model.unet.attn_processors[k] is v for k, v in processors.items())
     assert _hooks(model.unet) == hooks
+
+
+class _Recorder(CFGEditor):
+    """CFG (no injection) that records, at every self-attention layer and model call, the layer's input and output
+    with the call's phase, branch names, frames and keyframes."""
+
+    def __init__(self) -> None:
+        super().__init__(guidance_scale=GUIDANCE)
+        self.calls: list[tuple] = []  # (layer, step index, phase, names, frames, keyframes, input, output)
+
+    def install(self, unet, layout, step_ref):
+        def keep(name):
+            def hook(module, args, output):
+                step = step_ref()
+                self.calls.append((name, step.index, step.phase, step.names, step.frames.tolist(),
+                                   step.keyframes.tolist(), args[0].detach().clone(), output.detach().clone()))
+            return hook
+        return [unet.get_submodule(n).register_forward_hook(keep(n)) for n in layout.self_attention]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_core_oracles_hold_on_every_variant(loaded, variant):
+    """On each UNet (SD 1.5, 2.1-base, 2.1-768-v with its upcast attention and linear projections, SDXL with its
+    multi-block transformers), at every self-attention layer of every call of an edit with keyframes 0 and 2 of 3
+    frames: in the keyframe pass the edit branches' outputs are softmax(QKᵀ/√d)V over both keyframes' tokens and the
+    source's over its own frame (hand-computed in float64); in the propagate pass frame 1's edit-branch outputs are
+    the keyframes' outputs at the nearest neighbours of its source tokens (brute-force cosine), blended 1/2 + 1/2
+    (the paper's weights midway), and the source attends per frame. A per-frame "extended" attention, a wrong head
+    split, or a gather along the wrong axis fails here."""
+    from test_core_oracles import attention_oracle
+
+    model, video, inversions = loaded(variant)
+    if "ddim" not in inversions:
+        inversions["ddim"] = invert_video(model, video, INVERTERS["ddim"](), "a wolf", progress=False)[0]
+    recorder = _Recorder()
+    pipe = TokenFlowPipeline(model, recorder, TokenFlowPropagator(stride=2), FixedKeyframes([0, 2]), n_steps=STEPS)
+    pipe.edit(inversions["ddim"], "a fox", inversion_prompt="a wolf", progress=False, video=video)
+    names_all = {c[0] for c in recorder.calls}
+    assert names_all == set(UNetLayout.from_unet(model.unet).self_attention)  # every attn1 was recorded
+    kept: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (layer, step) -> (source in, outputs)
+    phases = set()
+    for name, i, phase, names, frames, keyframes, x_in, out in recorder.calls:
+        attn = model.unet.get_submodule(name)
+        n_b = len(names)
+        src = names.index("source")
+        x, out = x_in.unflatten(0, (n_b, -1)), out.unflatten(0, (n_b, -1))
+        phases.add(phase)
+        with torch.no_grad():
+            q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        if phase == "keyframes":
+            assert frames == [0, 2]
+            for b in range(n_b):
+                expected = attention_oracle(attn, q[b], k[b], v[b], joint=b != src)
+                assert torch.allclose(out[b].double(), expected, atol=1e-4, rtol=1e-3), (variant, name, i, names[b])
+            kept[name, i] = (x[src], out)
+        else:
+            assert phase == "propagate" and frames == [1] and keyframes == [0, 2], (phase, frames, keyframes)
+            key_source, key_out = kept[name, i]
+            sim = torch.nn.functional.normalize(x[src, 0], dim=-1) @ \
+                torch.nn.functional.normalize(key_source, dim=-1).transpose(-1, -2)  # (K, S, S)
+            nearest = sim.argmax(dim=-1)  # (K, S): each keyframe's token nearest to each of frame 1's
+            own = attention_oracle(attn, q[src], k[src], v[src], joint=False)
+            assert torch.allclose(out[src].double(), own, atol=1e-4, rtol=1e-3), (variant, name, i)
+            for b in range(n_b):
+                if b == src:
+                    continue
+                expected = 0.5 * key_out[b, 0][nearest[0]] + 0.5 * key_out[b, 1][nearest[1]]
+                assert torch.allclose(out[b, 0], expected, atol=1e-5, rtol=1e-4), (variant, name, i, names[b])
+    assert phases == {"keyframes", "propagate"} and len(kept) == len(names_all) * STEPS

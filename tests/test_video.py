@@ -10,17 +10,13 @@ import numpy as np
 import pytest
 import torch
 
+from tokenflow.digests import video_fingerprint
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.storage.video import (
-    Video,
-    frames_from_tensor,
-    probe_video,
-    read_video,
-    target_size,
-    video_fingerprint,
-    write_frames,
-    write_video,
-)
+from tokenflow.sizing import target_size
+from tokenflow.storage.decoders import probe_video
+from tokenflow.storage.mp4 import write_video
+from tokenflow.storage.png import write_frames
+from tokenflow.storage.video import Video, frames_from_tensor, read_video
 from conftest import DATA, needs_data, translating_clip
 
 BACKENDS = ["decord", "pyav"]
@@ -85,6 +81,28 @@ def test_resizes_on_read(clip: np.ndarray, tmp_path: Path) -> None:
     write_frames(tmp_path, clip[:2])
     assert read_video(tmp_path).frames.shape == (2, 512, 1024, 3)  # short side 512, aspect kept
     assert read_video(tmp_path, height=128).frames.shape == (2, 128, 256, 3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_native_reads_any_stored_size(clip: np.ndarray, tmp_path: Path, backend: str) -> None:
+    """native=True keeps the stored size, not a multiple of 64 (a contact sheet, a mask video): a frame folder
+    exactly, an mp4 at its size on either decoder; frames of two sizes, or a size asked for too, are one line."""
+    odd = clip[:3, :46, :90]  # 46x90: no multiple of 64, even (H.264 needs even sides)
+    write_frames(tmp_path / "frames", odd)
+    np.testing.assert_array_equal(read_video(tmp_path / "frames", native=True).frames, odd)
+    mp4 = write_video(tmp_path / "odd.mp4", odd, fps=12.0)
+    video = read_video(mp4, native=True, backend=backend)
+    assert video.frames.shape == odd.shape and video.fps == pytest.approx(12.0, rel=1e-3)
+    assert np.abs(luma(video.frames) - luma(odd)).mean() < 3.0
+    write_frames(tmp_path / "mixed", clip[:1, :32, :32])
+    (tmp_path / "mixed" / "00000.png").rename(tmp_path / "mixed" / "a.png")
+    write_frames(tmp_path / "mixed2", clip[:1, :64, :64])
+    (tmp_path / "mixed2" / "00000.png").rename(tmp_path / "mixed" / "b.png")
+    with pytest.raises(VideoError, match="has frames of 64x64 after 32x32") as e:
+        read_video(tmp_path / "mixed", native=True)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="native=True\\) keeps the stored size; height=64"):
+        read_video(mp4, native=True, height=64)
 
 
 def test_tensor_round_trip(clip: np.ndarray) -> None:
@@ -191,8 +209,6 @@ def test_corrupt_file(tmp_path: Path, backend: str) -> None:
 
 
 def test_probe_reads_the_header_only(clip: np.ndarray, clip_mp4: Path, tmp_path: Path) -> None:
-    from tokenflow.storage.video import probe_video
-
     info = probe_video(clip_mp4)
     assert (info.n_frames, info.height, info.width, info.fps) == (len(clip), 64, 128, 20.0)
     write_frames(tmp_path / "f", clip[:3])
@@ -224,7 +240,7 @@ def test_rejected_write_leaves_nothing(tmp_path: Path, frames: np.ndarray) -> No
 
 
 def test_failed_write_keeps_old_file_and_no_temp(clip: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import tokenflow.storage.video as video
+    import tokenflow.storage.mp4 as mp4
 
     out = write_video(tmp_path / "out.mp4", clip[:2], fps=10.0)
     before = out.read_bytes()
@@ -233,7 +249,7 @@ def test_failed_write_keeps_old_file_and_no_temp(clip: np.ndarray, tmp_path: Pat
         path.write_bytes(b"\x00" * 100)  # what the encoder managed before the disk filled up
         raise OSError("ffmpeg exited with status 1: No space left on device (simulated)")
 
-    monkeypatch.setattr(video, "_encode_h264", encoder_dies)
+    monkeypatch.setattr(mp4, "_encode_h264", encoder_dies)
     with pytest.raises(VideoError, match="could not write video .*No space left"):
         write_video(out, clip, fps=10.0)
     assert out.read_bytes() == before
@@ -242,11 +258,11 @@ def test_failed_write_keeps_old_file_and_no_temp(clip: np.ndarray, tmp_path: Pat
 
 def test_written_video_is_checked_before_it_is_published(clip: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An encoder that exits cleanly but wrote a truncated or empty file publishes nothing."""
-    import tokenflow.storage.video as video
+    import tokenflow.storage.mp4 as mp4
 
-    real = video._encode_h264
+    real = mp4._encode_h264
     for broken in (lambda path, frames, fps: real(path, frames[:-1], fps), lambda path, frames, fps: path.write_bytes(b"")):
-        monkeypatch.setattr(video, "_encode_h264", broken)
+        monkeypatch.setattr(mp4, "_encode_h264", broken)
         with pytest.raises(VideoError, match="edited.mp4"):
             write_video(tmp_path / "edited.mp4", clip, fps=10.0)
         assert list(tmp_path.iterdir()) == []
@@ -277,7 +293,7 @@ def test_write_rejects_non_mp4(clip: np.ndarray, tmp_path: Path) -> None:
 
 
 def test_round_frames_down_keeps_whole_chunks():
-    from tokenflow.storage.video import round_frames_down
+    from tokenflow.sizing import round_frames_down
 
     video = Video(np.zeros((19, 64, 64, 3), np.uint8), 10.0, "x")
     assert round_frames_down(video, 8).n_frames == 16
@@ -289,7 +305,7 @@ def test_round_frames_down_keeps_whole_chunks():
 # ---- frame rates and display rotation --------------------------------------------------------------
 @pytest.mark.parametrize("fps", [0, -5.0, float("nan"), float("inf")])
 def test_a_frame_rate_must_be_positive_and_finite(fps: float, tmp_path: Path) -> None:
-    from tokenflow.storage.video import Video, VideoWriter
+    from tokenflow.storage.mp4 import VideoWriter
 
     frames = np.zeros((2, 64, 64, 3), np.uint8)
     with pytest.raises(ConfigError, match=r"Video.fps=.* is not a frame rate — give a positive number"):
@@ -349,7 +365,7 @@ def test_a_clip_without_a_usable_frame_rate_reads_at_the_fallback(clip: np.ndarr
         struct.pack_into(">I", data, at + 16 + 8 * k, 0)
     untimed = tmp_path / "untimed.mp4"
     untimed.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="tokenflow.storage.video"):
+    with caplog.at_level("WARNING", logger="tokenflow.storage.decoders"):
         video = read_video(untimed, backend="decord", height=64, width=128, fps=12.0)
     assert video.fps == 12.0 and video.n_frames == 4
     assert any("no usable frame rate" in r.getMessage() and "untimed.mp4" in r.getMessage() for r in caplog.records)

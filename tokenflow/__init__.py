@@ -4,15 +4,16 @@ Everything a research script needs is importable from here; backends live in ``t
 """
 from tokenflow.core.attention import KeyframeAttention
 from tokenflow.core.distributed import Ranks
-from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Step, WrappingEditor
+from tokenflow.core.editor import Branch, BranchCall, EditInputs, KeyframeEditor, Latents, Phase, Step, WrappingEditor
 from tokenflow.core.flow_propagation import FlowPropagator
 from tokenflow.core.guidance import GuidedEditor, UnconditionalEmbedding, cfg
 from tokenflow.core.inversion import DDIMInverter, Inverter, reconstruct, sample
 from tokenflow.core.keyframes import AdaptiveKeyframes, AutoKeyframes, FixedKeyframes, KeyframeSchedule, RandomKeyframes
 from tokenflow.core.nulltext import NullTextInverter, sample_with_null_text
-from tokenflow.core.pipeline import EditResult, TokenFlowPipeline, invert_video
+from tokenflow.core.pipeline import EditResult, TokenFlowPipeline
+from tokenflow.core.video_inversion import invert_video
 from tokenflow.core.propagation import (NoPropagation, PropagationInputs, PropagationQuery, Propagator,
-                                        TokenFlowPropagator)
+                                        SourceFeatures, TokenFlowPropagator)
 from tokenflow.core.search import NeighbourSearch, TorchNeighbourSearch
 from tokenflow.errors import ConfigError, ModelLoadError, TokenFlowError, VideoError
 from tokenflow.models import (Backbone, DiffusionModel, FluxModel, InversionResult, MMDiTLayout, NullTextEmbeddings, SD3Model,
@@ -20,15 +21,17 @@ from tokenflow.models import (Backbone, DiffusionModel, FluxModel, InversionResu
 from tokenflow.samplers import DDIMSampler, FlowMatchEulerSampler, Grid, NoiseLevel, Sampler, sampler_for
 from tokenflow.models.trajectory import FileTrajectory, TensorTrajectory, Trajectory
 from tokenflow.storage.cache import InversionCache
-from tokenflow.storage.video import FrameWriter, Video, VideoWriter, read_video, write_frames, write_video
+from tokenflow.storage.mp4 import VideoWriter, write_video
+from tokenflow.storage.png import FrameWriter, write_frames
+from tokenflow.storage.video import Video, read_video
 
 __version__ = "0.1.0"
 __all__ = [
     "Backbone", "DDIMSampler", "FluxModel", "FlowMatchEulerSampler", "Grid", "MMDiTLayout", "NoiseLevel", "SD3Model", "Sampler",
     "sampler_for", "AdaptiveKeyframes", "AutoKeyframes", "Branch", "BranchCall", "ConfigError", "DDIMInverter", "DiffusionModel", "EditInputs", "EditResult",
     "FileTrajectory", "FixedKeyframes", "FlowPropagator", "FrameWriter", "GuidedEditor", "InversionCache", "InversionResult", "Inverter", "KeyframeAttention", "KeyframeEditor",
-    "KeyframeSchedule", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
-    "PropagationInputs", "PropagationQuery", "Propagator", "RandomKeyframes", "Ranks", "Step", "TextEmbedding", "TokenFlowError",
+    "KeyframeSchedule", "Latents", "ModelLoadError", "NeighbourSearch", "NoPropagation", "NullTextEmbeddings", "NullTextInverter",
+    "Phase", "PropagationInputs", "PropagationQuery", "Propagator", "SourceFeatures", "RandomKeyframes", "Ranks", "Step", "TextEmbedding", "TokenFlowError",
     "TensorTrajectory", "TokenFlowPipeline", "TokenFlowPropagator", "TorchNeighbourSearch", "Trajectory", "UNetLayout",
     "UnconditionalEmbedding", "Video", "VideoWriter",
     "VideoError", "cfg", "from_pipeline", "invert_video", "load_model", "read_video", "reconstruct", "sample",

@@ -1,4 +1,4 @@
-"""Publish files atomically: write beside the destination, check, flush to disk, rename over it.
+"""Publish files and folders atomically: write beside the destination, check, flush to disk, rename over it.
 
 A reader (or a later run) sees the old file, or the whole new one, never a half-written one; a
 failure at any point (an exception, a full disk, a kill) leaves no partial file under the final name.
@@ -16,6 +16,7 @@ import shutil
 import socket
 import stat
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,7 +24,7 @@ from typing import Any, BinaryIO
 log = logging.getLogger(__name__)
 TEMP_MARK = ".tmp-"  # every temporary file's name starts with "." and contains this
 _OWNED = re.compile(r"^\..+\.tmp-(?P<host>[A-Za-z0-9_.]*)-(?P<pid>\d+)-[0-9a-f]{12}(\.\w+)?$")
-_UNOWNED = re.compile(r"^\.(tiny-.+|.+\.tmp-\d+-[0-9a-f]{12}(\.\w+)?)$")  # mkdtemp staging folders, old names
+_UNOWNED = re.compile(r"^\.(tiny-.+|.+\.tmp-\d+-[0-9a-f]{12}(\.\w+)?)$")  # older versions' names: mkdtemp's .tiny-*
 
 
 def host_name() -> str:
@@ -106,20 +107,60 @@ def atomic_file(dest: str | os.PathLike, suffix: str = "", check: Callable[[Path
             tmp.unlink()
 
 
+class AtomicWriter(ABC):
+    """A writer that publishes its output whole: as a context manager, ``close()`` (publish) when the block ends
+    normally, ``abort()`` (publish nothing) when it raises."""
+
+    @abstractmethod
+    def close(self) -> Any: ...
+
+    @abstractmethod
+    def abort(self) -> None: ...
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class StagedDir:
+    """A temporary folder beside ``dest`` to fill: :meth:`publish` renames it to ``dest``, :meth:`discard` removes it.
+
+    ``dest`` must not exist (FileExistsError, at staging and at publishing), unless ``replace_empty``: then an empty
+    folder there is replaced, and a non-empty one makes :meth:`publish` fail with OSError.
+    """
+
+    def __init__(self, dest: str | os.PathLike, replace_empty: bool = False) -> None:
+        self.dest, self.replace_empty = Path(dest), replace_empty
+        if self.dest.exists() and not replace_empty:
+            raise FileExistsError(f"{self.dest} exists — write into a new folder")
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.path = temp_path(self.dest)
+        self.path.mkdir()
+
+    def publish(self) -> Path:
+        if not self.replace_empty and self.dest.exists():
+            raise FileExistsError(f"{self.dest} appeared while it was written — write into a new folder")
+        os.replace(self.path, self.dest)
+        return self.dest
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
 @contextlib.contextmanager
-def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder to fill; on success rename it to ``dest`` (which must not exist yet)."""
-    dest = Path(dest)
-    if dest.exists():
-        raise FileExistsError(f"{dest} exists — write into a new folder")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(dest)
-    tmp.mkdir()
+def atomic_dir(dest: str | os.PathLike, replace_empty: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder to fill; on success rename it to ``dest`` (see :class:`StagedDir`)."""
+    staged = StagedDir(dest, replace_empty)
     try:
-        yield tmp
-        os.rename(tmp, dest)
+        yield staged.path
+        staged.publish()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        staged.discard()
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:
@@ -143,7 +184,7 @@ def is_stale(path: Path, oldest_owner_start: float | None = None) -> bool:
 
     A name that records its owner (this host's pid) is stale when that process is gone, or when the
     process now holding the pid started after the entry was last written (a reused pid). An entry
-    without an owner (a ``mkdtemp`` staging folder) is stale when it was last written before
+    without an owner (an older version's ``mkdtemp`` staging folder) is stale when it was last written before
     ``oldest_owner_start``, the start of the oldest running process that could own it. Entries of
     other hosts are never stale here (their processes cannot be seen).
     """

@@ -29,6 +29,12 @@ class StorageError(TokenFlowError):
     """A folder the run needs cannot hold what it must write (full, read-only): names the folder and the fix."""
 
 
+def one_line(exc: BaseException) -> str:
+    """``exc``'s message folded onto one line (at most 200 characters; its type's name when it has none), to quote
+    inside an error of ours."""
+    return (" ".join(str(exc).split()) or type(exc).__name__)[:200]
+
+
 def chained(error: BaseException | None):
     """``error`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``), in
     order; a cycle ends the chain."""

@@ -2,7 +2,7 @@
 
 Each run gets its own folder (claimed with an exclusive mkdir, see :mod:`tokenflow.cli.rundir`) with
 ``config.yaml`` (resolved), ``manifest.json`` (provenance: code, packages, device, input hash, model
-identity, seed), ``metrics.json`` (:mod:`tokenflow.cli.report`) and, on success only,
+identity, seed), ``metrics.json`` (:mod:`tokenflow.runs.record`) and, on success only,
 ``input.mp4``, ``edited.mp4`` (or ``reconstruction.mp4``) and ``frames/``. Every user error, from
 Hydra or from tokenflow, is one line on stderr and exit status 2 (``verbose=true``: the traceback);
 in a sweep a failing job records its error and the sweep goes on, then the process exits 2 with one
@@ -42,13 +42,15 @@ import tokenflow.cli.config  # noqa: F401  registers the run schema
 from tokenflow.cli import preflight
 from tokenflow.cli.config import ModelMemo, register_sweep_resolvers
 from tokenflow.cli.dataset import apply_item, register_manifest_files
-from tokenflow.cli.messages import user_error
+from tokenflow.cli.messages import hydra_save_failure, user_error
 from tokenflow.cli.plugins import make_cwd_importable, register_class_options
-from tokenflow.cli.report import RunReport, SweepFailed, parse_overrides, save_config
+from tokenflow.cli.report import SweepFailed, save_config
 from tokenflow.cli.rundir import claimed_run_dir_args, register_resolvers, scratch_run_dir_args
 from tokenflow.core.distributed import Ranks, RankStopped, init_from_environment, leave_group
 from tokenflow.errors import ConfigError
 from tokenflow.evaluation.provenance import run_manifest, write_manifest
+from tokenflow.runs.overrides import parse_overrides
+from tokenflow.runs.report import RunReport
 
 log = logging.getLogger("tokenflow")
 RunFunction = Callable[[DictConfig, Path, RunReport, ModelMemo], None]
@@ -71,7 +73,6 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
     ``parts()`` builds the run's inverter (and editor, propagator, keyframes); ``models`` keeps loaded models
     for the next job (None: load). Returns (model, video, parts, the run shape the memory check accepted).
     """
-    from tokenflow.cli.config import build
     from tokenflow.storage.video import read_video
 
     ranks = Ranks.current()
@@ -92,7 +93,7 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
     estimate, peaks = preflight.check_run_memory(model, shape, preflight.size_phrase(cfg, plan, n))
     video = read_video(path, n_frames=cfg.n_frames, stride=cfg.frame_stride, height=cfg.height, width=cfg.width)
     if cfg.get("round_frames_down"):
-        from tokenflow.storage.video import round_frames_down
+        from tokenflow.sizing import round_frames_down
 
         kept = round_frames_down(video, cfg.keyframe_stride)
         if kept.n_frames != video.n_frames:
@@ -116,7 +117,7 @@ def _prepare(cfg: DictConfig, report: RunReport, run_dir: Path, parts: Callable[
 
 def _open_cache(cfg: DictConfig, ranks: Ranks):
     """The inversion cache as this process uses it: rank 0 opens it (checked, cleaned, written); another rank
-    only reads the entries rank 0 verified (:func:`~tokenflow.core.pipeline.invert_video`), never writes there."""
+    only reads the entries rank 0 verified (:func:`~tokenflow.core.video_inversion.invert_video`), never writes there."""
     if ranks.main:
         return preflight.open_cache(cfg)
     if not cfg.use_cache:
@@ -129,11 +130,13 @@ def _open_cache(cfg: DictConfig, ranks: Ranks):
 
 def run_invert(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | None = None) -> None:
     """Invert and reconstruct; report PSNR of the reconstruction."""
-    from tokenflow.cli.config import build
+    from tokenflow.instantiation import build
     from tokenflow.core.inversion import reconstruct
-    from tokenflow.core.pipeline import invert_video
+    from tokenflow.core.video_inversion import invert_video
     from tokenflow.evaluation.metrics import psnr
-    from tokenflow.storage.video import frames_from_tensor, write_frames, write_video
+    from tokenflow.storage.mp4 import write_video
+    from tokenflow.storage.png import write_frames
+    from tokenflow.storage.video import frames_from_tensor
 
     t0 = time.perf_counter()
     ranks = Ranks.current()
@@ -169,10 +172,12 @@ def run_edit(cfg: DictConfig, out: Path, report: RunReport, models: ModelMemo | 
     """The TokenFlow edit; writes edited.mp4, frames/, input.mp4 (on success) and metrics.json."""
     from omegaconf import OmegaConf
 
-    from tokenflow.cli.config import build, negative_prompt
+    from tokenflow.cli.config import negative_prompt
+    from tokenflow.instantiation import build
     from tokenflow.core.pipeline import TokenFlowPipeline
-    from tokenflow.evaluation.scores import build_suite
-    from tokenflow.storage.video import FrameWriter, VideoWriter, write_video
+    from tokenflow.evaluation.suites import build_suite
+    from tokenflow.storage.mp4 import VideoWriter, write_video
+    from tokenflow.storage.png import FrameWriter
 
     def parts() -> dict[str, Any]:
         return {"inverter": build(cfg.inverter), "editor": build(cfg.editor), "propagator": build(cfg.propagator),
@@ -352,7 +357,11 @@ def _main(task: str, run: RunFunction) -> Any:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     except Exception as e:
-        line = session.failure_line if e is session.failure else user_error(e, session.args)
+        if e is session.failure:
+            line = session.failure_line
+        else:  # failed before the job ran (e.g. Hydra saving .hydra/ on a full disk)
+            named, places = hydra_save_failure(e)
+            line = user_error(named, session.args, places)
         if line is None or session.verbose or full_error:
             raise
         print(f"error: {line}", file=sys.stderr)

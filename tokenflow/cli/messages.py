@@ -10,6 +10,7 @@ import errno
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import CompactHydraException, HydraException, MissingConfigException, OverrideParseException
@@ -74,6 +75,22 @@ def disk_error(error: OSError, places: Mapping[str, str] | None = None) -> str:
         return f"cannot write {where}: {error.strerror} — choose a folder you can write"
     return f"cannot create {where}: {error.strerror} (a file stands where a folder is needed) — remove it or choose " \
            "another folder"
+
+
+def hydra_save_failure(error: BaseException) -> tuple[BaseException, dict[str, str]]:
+    """An OSError raised while Hydra saved the run folder's ``.hydra/`` files (which names no file) as one naming the
+    file, with that run folder as a place (``{folder: "the run folder"}``); any other error as it is, no places."""
+    if not isinstance(error, OSError) or error.filename:
+        return error, {}
+    tb = error.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    frame = tb.tb_frame if tb is not None else None
+    if frame is None or frame.f_code.co_name != "_save_config" or "output_dir" not in frame.f_locals:
+        return error, {}
+    folder = Path(frame.f_locals["output_dir"])
+    named = OSError(error.errno, error.strerror, str(folder / str(frame.f_locals.get("filename", ""))))
+    return named, {str(folder.parent): "the run folder"}
 
 
 def _place(path: str, places: Mapping[str, str]) -> str | None:

@@ -19,7 +19,9 @@ from tokenflow.core.memory import (MemoryEstimate, ModelShape, RunShape, check_m
                                    free_device_memory, free_host_memory, length_growth)
 from tokenflow.errors import ConfigError, VideoError
 from tokenflow.atomic import remove_stale, temp_path
-from tokenflow.storage.video import H264_MAX_SIDE, VideoInfo, probe_video, target_size
+from tokenflow.sizing import target_size
+from tokenflow.storage.decoders import VideoInfo, probe_video
+from tokenflow.storage.mp4 import H264_MAX_SIDE
 
 log = logging.getLogger("tokenflow")
 ASPECT_TOLERANCE = 0.03  # default sizing that changes the aspect ratio by more than this is reported

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from tokenflow.core.editor import SOURCE, KeyframeEditor, Step
-from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator
+from tokenflow.core.editor import SOURCE, KeyframeEditor, Phase, Step
+from tokenflow.core.propagation import CorrespondenceCallback, PropagationQuery, Propagator, SourceFeatures
 from tokenflow.core.clips import features_at
 from tokenflow.core.slimming import gather_tokens, reference_selection, slim_budget, slim_selection
 from tokenflow.errors import ConfigError
@@ -217,7 +217,7 @@ def propagated_branches(step: Step, propagator: Propagator) -> list[int]:
     branch unless the propagator reads it ``clean`` (it then attends per frame). Any other non-joint branch (e.g.
     FlowEdit's source-prompt branches) attends per frame in every phase and is never propagated."""
     src = step.index_of(SOURCE)
-    clean = propagator.source_features == "clean"
+    clean = propagator.source_features == SourceFeatures.clean
     return [i for i, b in enumerate(step.branches) if (i == src and not clean) or (i != src and b.joint)]
 
 
@@ -235,16 +235,16 @@ class TokenFlowSelfAttention:
         n_branches = len(step.branches)
         x = rearrange(hidden_states, "(b f) s c -> b f s c", b=n_branches)
         src = step.index_of(SOURCE)
-        if step.phase == "propagate" and self.runtime.propagator.propagates(self.name):
+        if step.phase is Phase.propagate and self.runtime.propagator.propagates(self.name):
             out = self._propagate(attn, x, step, src)
-        elif step.phase == "propagate":  # a layer left out of propagation (ablation): its own attention, per frame
+        elif step.phase is Phase.propagate:  # a layer left out of propagation (ablation): its own attention, per frame
             q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
             out = self._attend(attn, q, k, v, joint=False)
         else:
             q, k, v = self.runtime.editor.self_attention(self.name, *self._qkv(attn, x), step)
-            joint = [b.joint and step.phase in ("keyframes", "anchors") for b in step.branches]
-            selection = self._slimming(x, step, src) if step.phase == "keyframes" and any(joint) else None
-            if step.phase == "anchored":
+            joint = [b.joint and step.phase in (Phase.keyframes, Phase.anchors) for b in step.branches]
+            selection = self._slimming(x, step, src) if step.phase is Phase.keyframes and any(joint) else None
+            if step.phase is Phase.anchored:
                 out = self._anchored(attn, q, k, v, step)
             elif selection is not None:
                 out = torch.stack([self._slimmed(attn, q[i], k[i], v[i], selection) if joint[i] else
@@ -252,10 +252,10 @@ class TokenFlowSelfAttention:
             else:
                 out = torch.stack([self._attend(attn, q[i:i+1], k[i:i+1], v[i:i+1], joint[i])[0]
                                    for i in range(n_branches)])
-            if step.phase == "anchors":
+            if step.phase is Phase.anchors:
                 shared = [i for i, b in enumerate(step.branches) if b.joint]
                 self.runtime.anchor_kv[self.name] = (k[shared], v[shared])
-            if step.phase in ("keyframes", "anchors", "anchored") and self.runtime.propagator.propagates(self.name):
+            if step.phase in (Phase.keyframes, Phase.anchors, Phase.anchored) and self.runtime.propagator.propagates(self.name):
                 self._keep(x, out, step, src)
         return rearrange(out, "b f s c -> (b f) s c")
 

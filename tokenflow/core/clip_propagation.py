@@ -18,7 +18,6 @@ that step only, so memory does not grow with the clip length squared.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
@@ -59,8 +58,8 @@ class ClipPropagator(Propagator):
         self._timestep: int | None = None
 
     @property
-    def source_features(self) -> Literal["clean", "propagated"]:
-        return self.config.source_features.value  # type: ignore[return-value]
+    def source_features(self) -> SourceFeatures:
+        return self.config.source_features
 
     def prepare(self, inputs: PropagationInputs) -> None:
         if inputs.features is None or inputs.clips is None:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from tokenflow.errors import ConfigError
 from tokenflow.models.layout import MMDiTLayout, patch_grid, token_grid
+from tokenflow.rng import seeded
 
 
 class ClipFormula(str, Enum):
@@ -144,7 +145,7 @@ def dift_features(model: Any, latents: Tensor | None, up_block: int = 2, t: int 
     try:
         with torch.no_grad():
             if encode is DiftEncoding.reference:
-                generator = torch.Generator(model.device).manual_seed(int(seed))
+                generator = seeded(seed, model.device)
                 for frame in frames:
                     image = torch.from_numpy(frame).permute(2, 0, 1)[None].to(model.device, model.vae_dtype) / 255
                     copies = image.repeat(int(ensemble), 1, 1, 1)  # encoded as a batch, as SDFeaturizer does: the
@@ -153,7 +154,7 @@ def dift_features(model: Any, latents: Tensor | None, up_block: int = 2, t: int 
                     z = alpha ** 0.5 * z0 + (1 - alpha) ** 0.5 * noise
                     out.append(block_output(z).mean(0, keepdim=True).permute(0, 2, 3, 1).cpu())
             else:
-                generator = torch.Generator().manual_seed(int(seed))
+                generator = seeded(seed)
                 for chunk in torch.arange(latents.shape[0]).split(max(1, int(batch))):
                     z0 = latents[chunk].float()
                     acc = None

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal
+from enum import Enum
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -22,8 +23,26 @@ from torch import Tensor
 from tokenflow.errors import ConfigError
 from tokenflow.models.backbone import TextEmbedding, as_text_embedding
 from tokenflow.models.trajectory import InversionResult
+from tokenflow.options import choice
 
 SOURCE = "source"  # name of the branch that carries the inverted source video
+
+
+class Latents(str, Enum):
+    """What a branch feeds the model (``Branch.latents``); a ``str`` enum, so ``b.latents == "edit"`` holds."""
+
+    edit = "edit"       # the latents being edited (editors' hooks inject into these branches)
+    source = "source"   # the inverted source latents at the current timestep (or the branch's ``make_latents``)
+
+
+class Phase(str, Enum):
+    """Which kind of model call is in progress (``Step.phase``); the attention processors act on it."""
+
+    keyframes = "keyframes"   # the keyframes, edited jointly (extended self-attention); their tokens are kept
+    anchors = "anchors"       # attention=anchors: the anchor keyframes, jointly; their keys/values are kept
+    anchored = "anchored"     # attention=anchors: the other keyframes, each attending to itself and the anchors
+    propagate = "propagate"   # the other frames: self-attention outputs propagated from the keyframes'
+    frames = "frames"         # per-frame editing (no keyframes): every frame its own self-attention
 
 
 @dataclass(frozen=True)
@@ -65,7 +84,7 @@ class Branch:
 
     name: str
     embedding: TextEmbedding | Tensor
-    latents: Literal["edit", "source"] = "edit"
+    latents: Latents = Latents.edit
     joint: bool = True
     image_latents: Tensor | None = None
     unet_inputs: Callable[[BranchCall], dict[str, Any]] | None = None
@@ -74,8 +93,7 @@ class Branch:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "embedding", as_text_embedding(self.embedding))
-        if self.latents not in ("edit", "source"):
-            raise ValueError(f"Branch {self.name!r}: latents={self.latents!r} must be 'edit' or 'source'")
+        object.__setattr__(self, "latents", choice(Latents, self.latents, f"Branch {self.name!r}: latents"))
 
     @property
     def text(self) -> TextEmbedding:
@@ -84,15 +102,23 @@ class Branch:
 
 @dataclass
 class Step:
-    """What the hooks may read about the UNet call in progress."""
+    """What the hooks may read about the model call in progress.
+
+    The call's batch is branch-major: row ``b * F + f`` is branch ``branches[b]`` at frame ``frames[f]`` (F =
+    ``len(frames)``), so a hook's tensor of B·F rows unflattens to (B, F, ...) with ``x.unflatten(0, (B, -1))``
+    (``len(branches)`` = B); attention hooks receive Q/K/V already as (B, F, S, C).
+    """
 
     index: int                 # 0-based position in the editing schedule
     timestep: int
     n_steps: int
-    phase: Literal["keyframes", "anchors", "anchored", "propagate", "frames"]
+    phase: Phase
     frames: Tensor             # global indices of the frames in this call (F,)
     keyframes: Tensor          # global keyframe indices at this step (K,), empty without keyframes
     branches: tuple[Branch, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        self.phase = choice(Phase, self.phase, "Step.phase")
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -104,7 +130,7 @@ class Step:
     @property
     def edit_branches(self) -> list[int]:
         """Positions of the branches whose latents are being edited."""
-        return [i for i, b in enumerate(self.branches) if b.latents == "edit"]
+        return [i for i, b in enumerate(self.branches) if b.latents is Latents.edit]
 
     @property
     def progress(self) -> float:
@@ -125,7 +151,7 @@ class EditInputs:
     prompt: str
     negative_prompt: str
     inversion_prompt: str
-    timesteps: list[int]       # the full sampling grid, noisiest first
+    grid: list[int]            # the full sampling grid, noisiest first (the edit may run a tail of it: SDEdit)
     frames: Any = None         # (N, H, W, 3) uint8 input frames when the caller has them (e.g. ControlNet conditions)
     sampler: Any = None        # the run's tokenflow.samplers.Sampler (levels, forward process); None: the model's
 

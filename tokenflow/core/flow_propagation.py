@@ -25,8 +25,6 @@ A frame that is itself the keyframe takes its output unchanged (so the keyframe 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from enum import Enum
@@ -42,9 +40,10 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from tokenflow.core.optical_flow import UNFLOW_ALPHA, UNFLOW_BETA, FlowMethod, consistent_pixels, optical_flow
-from tokenflow.core.propagation import PropagationInputs, PropagationQuery, Propagator, paper_blend
+from tokenflow.core.propagation import PropagationInputs, PropagationQuery, Propagator, SourceFeatures, paper_blend
+from tokenflow.digests import frames_fingerprint, json_digest
 from tokenflow.errors import ConfigError, VideoError
-from tokenflow.options import choice
+from tokenflow.options import choice, configured
 from tokenflow.paths import default_cache_dir
 from tokenflow.atomic import atomic_file, read_safetensors
 
@@ -131,6 +130,7 @@ class PairFlow:
     consistent: Tensor
 
 
+@configured
 class FlowPropagator(Propagator):
     """Keyframe self-attention outputs warped along the input video's optical flow; see the module docstring.
 
@@ -141,7 +141,7 @@ class FlowPropagator(Propagator):
     Config = FlowPropagatorConfig
     uses_keyframes = True  # type: ignore[assignment]
     needs_source = False  # type: ignore[assignment]
-    source_features = "clean"  # type: ignore[assignment]
+    source_features = SourceFeatures.clean  # type: ignore[assignment]
 
     def __init__(self, estimator: FlowEstimator | None = None, **config: Any) -> None:
         self.config = FlowPropagatorConfig(**config)
@@ -169,14 +169,10 @@ class FlowPropagator(Propagator):
 
     def cache_path(self, frames: np.ndarray, latent_hw: tuple[int, int]) -> Path:
         """Where the flows of these frames are kept: ``<cache_dir>/flow/<content and settings hash>.safetensors``."""
-        h = hashlib.sha256()
-        settings = {"format": FLOW_CACHE_FORMAT, "estimator": self.estimator.settings(), "alpha": self.config.alpha,
-                    "beta": self.config.beta, "latent_hw": list(latent_hw)}
-        h.update(json.dumps(settings, sort_keys=True).encode())
-        h.update(f"{tuple(frames.shape)}|{frames.dtype}|".encode())
-        h.update(memoryview(np.ascontiguousarray(frames)).cast("B"))
+        key = json_digest({"format": FLOW_CACHE_FORMAT, "estimator": self.estimator.settings(), "alpha": self.config.alpha,
+                           "beta": self.config.beta, "latent_hw": list(latent_hw), "frames": frames_fingerprint(frames)}, 32)
         root = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
-        return root / "flow" / f"{h.hexdigest()[:32]}.safetensors"
+        return root / "flow" / f"{key}.safetensors"
 
     def prepare(self, inputs: PropagationInputs) -> None:
         """Flow for every (frame, keyframe) pair of ``inputs.keyframes`` (from disk when cached)."""

@@ -71,7 +71,7 @@ from einops import rearrange
 from torch import Tensor
 
 from tokenflow.core.attention import KeyframeTokens, TokenFlowRuntime, propagated_branches
-from tokenflow.core.editor import SOURCE, Step
+from tokenflow.core.editor import SOURCE, Phase, Step
 from tokenflow.core.propagation import PropagationQuery
 from tokenflow.core.slimming import gather_tokens
 from tokenflow.errors import ConfigError
@@ -273,8 +273,6 @@ class TokenFlowJointAttention:
         if step is None:  # outside a TokenFlow run: the stock processor (single-stream: one sequence)
             return self._result(*extended_joint_attention(attn, hidden_states, encoder_hidden_states, False, chunk,
                                                           backend, rotary=rotary))
-        if step.phase not in ("keyframes", "anchors", "anchored", "propagate", "frames"):
-            raise ConfigError(f"{self.name}: unknown phase {step.phase!r}")
         img, txt = self._streams(hidden_states, encoder_hidden_states)
         n_branches = len(step.branches)
         n_frames = img.shape[0] // n_branches
@@ -283,25 +281,25 @@ class TokenFlowJointAttention:
         qkv = self._hook(joint_qkv(attn, img, txt, rotary, self.single), step, n_branches)
         rows = lambda i: slice(i * n_frames, (i + 1) * n_frames)  # noqa: E731  the rows of branch i
 
-        if step.phase == "propagate" and propagator.propagates(self.name):
+        if step.phase is Phase.propagate and propagator.propagates(self.name):
             img_out = self._propagate(attn, img, qkv, step, src, n_branches)
-        elif step.phase in ("keyframes", "anchors", "anchored"):
-            anchors = runtime.anchor_kv.get(self.name) if step.phase == "anchored" else None
-            if step.phase == "anchored" and anchors is None:
+        elif step.phase in (Phase.keyframes, Phase.anchors, Phase.anchored):
+            anchors = runtime.anchor_kv.get(self.name) if step.phase is Phase.anchored else None
+            if step.phase is Phase.anchored and anchors is None:
                 raise RuntimeError(f"{self.name}: the anchored phase needs the anchors pass first")
             parts, j = [], 0
-            selection = self._slimming(img, step, src, n_branches) if step.phase == "keyframes" else None
+            selection = self._slimming(img, step, src, n_branches) if step.phase is Phase.keyframes else None
             for i, branch in enumerate(step.branches):
                 sub = qkv.rows(rows(i))
                 if not branch.joint:
                     parts.append(image_attention(sub, False, chunk, backend))
-                elif step.phase == "anchored":
+                elif step.phase is Phase.anchored:
                     parts.append(image_attention(sub, False, chunk, backend, extra=(anchors[0][j], anchors[1][j])))
                     j += 1
                 else:
                     parts.append(image_attention(sub, True, chunk, backend, selection=selection))
             img_out = _image_out(attn, torch.cat(parts))
-            if step.phase == "anchors":
+            if step.phase is Phase.anchors:
                 shared = [i for i, b in enumerate(step.branches) if b.joint]
                 k = rearrange(qkv.k, "(b f) s h d -> b f s (h d)", b=n_branches)
                 v = rearrange(qkv.v, "(b f) s h d -> b f s (h d)", b=n_branches)

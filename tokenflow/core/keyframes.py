@@ -14,6 +14,7 @@ import torch
 
 from tokenflow.errors import ConfigError
 from tokenflow.options import choice
+from tokenflow.rng import seeded
 
 
 class Formula(str, Enum):
@@ -50,7 +51,7 @@ class RandomKeyframes(KeyframeSchedule):
         self.stride, self.seed, self.formula = stride, seed, choice(Formula, formula, "keyframes.formula")
 
     def sequence(self, n_steps: int, n_frames: int) -> list[list[int]]:
-        g = torch.Generator().manual_seed(self.seed)
+        g = seeded(self.seed)
         starts = torch.arange(0, n_frames, self.stride)
         out = []
         for _ in range(n_steps):

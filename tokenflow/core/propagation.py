@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -108,6 +108,13 @@ class PropagationQuery:
     on_match: CorrespondenceCallback | None = None
 
 
+class SourceFeatures(str, Enum):
+    """How the source branch's own attention is obtained in propagated frames (``Propagator.source_features``)."""
+
+    clean = "clean"           # the source branch computes its own self-attention in every frame
+    propagated = "propagated" # the source branch is propagated like the edit branches (official code)
+
+
 class Propagator(ABC):
     """Decides whether keyframes are edited jointly and how their tokens reach the other frames."""
 
@@ -123,7 +130,7 @@ class Propagator(ABC):
 
     @property
     @abstractmethod
-    def source_features(self) -> Literal["clean", "propagated"]:
+    def source_features(self) -> SourceFeatures:
         """How the source branch's own attention is obtained in propagated frames: computed per frame
         (``clean``) or propagated like the edit branches (``propagated``, the official code)."""
 
@@ -154,12 +161,6 @@ class Blend(str, Enum):
     reference = "reference"   # the official code: this and the previous chunk's keyframe, sigmoid weights
 
 
-class SourceFeatures(str, Enum):
-    clean = "clean"           # the source branch computes its own self-attention in every frame
-    propagated = "propagated" # the source branch is propagated like the edit branches (official code)
-
-
-@dataclass
 class Stage(str, Enum):
     down = "down"
     mid = "mid"
@@ -265,8 +266,8 @@ class TokenFlowPropagator(Propagator):
         self._recording = False
 
     @property
-    def source_features(self) -> Literal["clean", "propagated"]:
-        return self.config.source_features.value  # type: ignore[return-value]
+    def source_features(self) -> SourceFeatures:
+        return self.config.source_features
 
     @property
     def reuses_keyframe_pass(self) -> bool:
@@ -320,7 +321,7 @@ class NoPropagation(Propagator):
 
     uses_keyframes = False  # type: ignore[assignment]
     needs_source = False  # type: ignore[assignment]
-    source_features = "clean"  # type: ignore[assignment]
+    source_features = SourceFeatures.clean  # type: ignore[assignment]
 
     def propagate(self, query: PropagationQuery) -> Tensor:
         raise RuntimeError("NoPropagation never propagates: the pipeline edits every frame on its own")

@@ -26,10 +26,9 @@ from tokenflow.errors import ConfigError
 
 __all__ = [
     "NeighbourSearch", "TorchNeighbourSearch", "FaissNeighbourSearch", "make_search",
-    "faiss_available", "recall_at_1", "BACKENDS",
+    "faiss_available", "recall_at_1", "SEARCHES",
 ]
 
-BACKENDS = ("auto", "faiss", "torch")
 FAISS_INDEXES = ("flat", "ivf", "hnsw")
 _NO_FAISS = ("faiss is not installed — pip install 'tokenflow-video[cpu]' (faiss-cpu) or '[gpu]' "
              "(faiss-gpu), or use search=torch")
@@ -359,18 +358,17 @@ def _sync(x: Tensor) -> None:
         torch.cuda.synchronize(x.device)
 
 
-def make_search(backend: str = "auto", **kw: Any) -> NeighbourSearch:
-    """Build a search backend by name: ``"auto"``, ``"faiss"`` or ``"torch"``.
+SEARCHES: dict[str, type[NeighbourSearch]] = {"auto": AutoNeighbourSearch, "faiss": FaissNeighbourSearch,
+                                              "torch": TorchNeighbourSearch}  # name -> class (each its ``name``)
 
-    ``kw`` go to the backend's constructor (``"auto"`` takes ``max_block_elements``/``use_gpu``).
-    """
-    if backend == "torch":
-        return TorchNeighbourSearch(**kw)
-    if backend == "faiss":
-        return FaissNeighbourSearch(**kw)
-    if backend == "auto":
-        return AutoNeighbourSearch(**kw)
-    raise ConfigError(f"search backend {backend!r} is unknown — use one of {', '.join(BACKENDS)}")
+
+def make_search(backend: str = "auto", **kw: Any) -> NeighbourSearch:
+    """A search backend by its name (:data:`SEARCHES`: ``"auto"``, ``"faiss"``, ``"torch"``); ``kw`` go to its
+    constructor (``"auto"`` takes ``max_block_elements``/``use_gpu``). Configs name the class itself
+    (conf/search/*.yaml)."""
+    if backend not in SEARCHES:
+        raise ConfigError(f"search backend {backend!r} is unknown — use one of {', '.join(SEARCHES)}")
+    return SEARCHES[backend](**kw)
 
 
 def recall_at_1(approx_index: Tensor, exact_index: Tensor) -> float:

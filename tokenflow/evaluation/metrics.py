@@ -4,8 +4,8 @@ optical flow, and Lucas-Kanade point tracks.
 The warp error here uses classical OpenCV flow (Farneback or DIS) on the *source* video, and the tracks
 are OpenCV pyramidal Lucas-Kanade. Their numbers are NOT comparable with the RAFT / CoTracker based
 figures reported in papers (TokenFlow, Text2Video-Zero, FiVE-Bench, ...); compare methods only with the
-same ``metric_name``. Model-based metrics (CLIP, DINO) and the config-selected metric interface are in
-:mod:`tokenflow.evaluation.scores`.
+same ``metric_name``. The metric interface is :mod:`tokenflow.evaluation.interface`, the metrics selected by
+config :mod:`tokenflow.evaluation.weight_free` (these) and :mod:`tokenflow.evaluation.model_metrics` (CLIP, DINO).
 """
 
 from __future__ import annotations

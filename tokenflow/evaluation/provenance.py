@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from tokenflow.atomic import write_json
+from tokenflow.runs.layout import MANIFEST
 
 MANIFEST_FORMAT = 1
-MANIFEST_NAME = "manifest.json"
+MANIFEST_NAME = MANIFEST  # its name in the run folder (tokenflow.runs.layout)
 DISTRIBUTION = "tokenflow-video"
 
 # package -> distribution names to try (the first installed one is reported)
@@ -136,7 +137,7 @@ def run_manifest(cfg: Any = None, model: Any = None, video: Any = None, seed: in
     by :func:`~tokenflow.storage.video.video_fingerprint`, size, fps, source); ``seed``: default
     ``cfg.seed``; ``command``: default ``sys.argv``; ``started_at``: default now (UTC).
     """
-    from tokenflow.storage.video import video_fingerprint
+    from tokenflow.digests import video_fingerprint
 
     config = _config(cfg)
     if seed is None and isinstance(config, dict):

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from tokenflow.digests import text_digest
+
 _PRIMES = (2_147_483_647, 2_147_483_629)  # 2^31 - 1 and the largest prime below it
 _BLOCK = 1 << 15   # elements summed exactly in int64 before a reduction: 2^15 · 2^16 · 2^31 < 2^63
 _SPAN = 1 << 22    # elements converted at once (bounds the temporary int64 buffers)
@@ -139,9 +141,7 @@ def model_fingerprint(model: Any, weights: str | None = None) -> str:
     adapters = {name: state for name, part in _components(model).items() if (state := adapter_state(part))}
     if not adapters:
         return weights
-    h = hashlib.sha256(weights.encode())
-    h.update(json.dumps(adapters, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:20]
+    return text_digest(weights + json.dumps(adapters, sort_keys=True, default=str), 20)
 
 
 def _components(model: Any) -> dict[str, torch.nn.Module]:

@@ -15,21 +15,20 @@ a real checkpoint.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
+from tokenflow.atomic import atomic_dir
+from tokenflow.digests import json_digest
 from tokenflow.errors import ModelLoadError
 from tokenflow.models.variants import Checkpoint, checkpoint, tiny
+from tokenflow.rng import seeded, seeded_init
 
 # 3: tiny variants of real checkpoints (sd15, sd21-base, sd21, sdxl) replace the hand-made SD-shaped build
 TINY_FORMAT_VERSION = 4  # 4: the latent-scale calibration is the same whatever the thread count
@@ -51,8 +50,7 @@ class TinyModelSpec:
         checkpoint(self.variant)  # one clear error for an unknown variant
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "format": TINY_FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return json_digest({**asdict(self), "format": TINY_FORMAT_VERSION}, 16)
 
 
 def _clip_bpe_file() -> Path:
@@ -97,7 +95,7 @@ def build_tiny_pipeline(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> 
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     ckpt = tiny(checkpoint(spec.variant), spec.width_divisor)
-    with seeded(spec.seed):
+    with seeded_init(spec.seed):
         unet = damped(UNet2DConditionModel(**ckpt.unet), "conv_out", spec.output_damping)
         vae = AutoencoderKL(**ckpt.vae)
         text_encoders = _text_encoders(ckpt)
@@ -108,17 +106,6 @@ def build_tiny_pipeline(folder: Path, spec: TinyModelSpec = TinyModelSpec()) -> 
     _save_scheduler(folder / "scheduler", ckpt.scheduler)
     (folder / "model_index.json").write_text(json.dumps(_model_index(ckpt), indent=2))
     (folder / "tiny_spec.json").write_text(json.dumps({**asdict(spec), "format": TINY_FORMAT_VERSION}, indent=2))
-
-
-@contextmanager
-def seeded(seed: int):
-    """Module initialisers draw from the global RNG: seed it for a build, and restore its state afterwards."""
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        yield
-    finally:
-        torch.random.set_rng_state(state)
 
 
 @torch.no_grad()
@@ -206,8 +193,7 @@ def _calibrate_latents(vae: torch.nn.Module, seed: int) -> None:
 
 def smooth_images(seed: int, n: int = 4, size: int = 128) -> torch.Tensor:
     """``n`` smooth random RGB images in [-1, 1]: bicubic upsampling of 8 x 8 uniform noise."""
-    g = torch.Generator().manual_seed(seed)
-    coarse = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    coarse = torch.rand(n, 3, 8, 8, generator=seeded(seed)) * 2 - 1
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
@@ -224,22 +210,17 @@ def latent_rescale(vae: torch.nn.Module, seed: int) -> float:
     return float(f"{1.0 / (std * float(vae.config.scaling_factor)):.4g}")
 
 
-def build_once(target: Path, marker: str, build: Callable[[Path], None], prefix: str = ".tiny-") -> Path:
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
     """``target``, built once: ``build(staging)`` fills a temp folder beside it, renamed into place atomically
     (readers see the whole folder or none); ``marker``, a file inside, says the folder is complete."""
     if (target / marker).is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
     try:
-        build(staging)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / marker).is_file():  # lost a race with nothing to show for it
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with atomic_dir(target, replace_empty=True) as staging:
+            build(staging)
+    except OSError:
+        if not (target / marker).is_file():  # lost a race with nothing to show for it
+            raise
     return target
 
 

@@ -1,5 +1,5 @@
 """Tiny random-weight CLIP and DINO-like ViT models, built offline from config, for tests and demos of the
-model-based metrics (:mod:`tokenflow.evaluation.scores`).
+model-based metrics (:mod:`tokenflow.evaluation.model_metrics`).
 
 They have the real architectures (``transformers`` ``CLIPModel``, ``Dinov2Model`` or ``ViTModel``) with
 tiny widths and random weights, and are saved in the usual ``save_pretrained`` layout (with an image
@@ -9,17 +9,15 @@ metrics read to label their outputs so.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
-
+from tokenflow.digests import json_digest
 from tokenflow.errors import ConfigError
 from tokenflow.models.tiny import build_once
+from tokenflow.rng import seeded_init
 
 MARKER = "tokenflow_tiny_eval.json"  # present in every folder built here: "these weights are random"
 TINY_EVAL_FORMAT = 1
@@ -63,17 +61,7 @@ class TinyDinoSpec:
 
 
 def _key(blob: dict) -> str:
-    return hashlib.sha256(json.dumps({**blob, "format": TINY_EVAL_FORMAT}, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _seeded(seed: int, build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    """Run ``build`` with the global RNG seeded (module initialisers draw from it), then restore the RNG."""
-    state = torch.random.get_rng_state()
-    try:
-        torch.manual_seed(seed)
-        return build()
-    finally:
-        torch.random.set_rng_state(state)
+    return json_digest({**blob, "format": TINY_EVAL_FORMAT}, 16)
 
 
 def build_tiny_clip(folder: Path, spec: TinyClipSpec = TinyClipSpec()) -> None:
@@ -88,7 +76,8 @@ def build_tiny_clip(folder: Path, spec: TinyClipSpec = TinyClipSpec()) -> None:
     vision = dict(hidden_size=spec.width, intermediate_size=2 * spec.width, num_hidden_layers=spec.layers,
                   num_attention_heads=spec.heads, image_size=spec.image_size, patch_size=spec.patch_size)
     config = CLIPConfig(text_config=text, vision_config=vision, projection_dim=spec.projection_dim)
-    model = _seeded(spec.seed, lambda: CLIPModel(config))
+    with seeded_init(spec.seed):
+        model = CLIPModel(config)
     model.save_pretrained(folder)
     write_clip_tokenizer_files(folder)
     CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77).save_pretrained(folder)
@@ -104,13 +93,14 @@ def build_tiny_dino(folder: Path, spec: TinyDinoSpec = TinyDinoSpec()) -> None:
     common = dict(hidden_size=spec.width, num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
                   image_size=spec.image_size, patch_size=spec.patch_size)
     if spec.kind == "dinov2":
-        model = _seeded(spec.seed, lambda: Dinov2Model(Dinov2Config(mlp_ratio=2, **common)))
+        with seeded_init(spec.seed):
+            model = Dinov2Model(Dinov2Config(mlp_ratio=2, **common))
         processor = BitImageProcessor(size={"shortest_edge": spec.image_size},
                                       crop_size={"height": spec.image_size, "width": spec.image_size},
                                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     else:
-        model = _seeded(spec.seed, lambda: ViTModel(ViTConfig(intermediate_size=2 * spec.width, **common),
-                                                    add_pooling_layer=False))
+        with seeded_init(spec.seed):
+            model = ViTModel(ViTConfig(intermediate_size=2 * spec.width, **common), add_pooling_layer=False)
         processor = ViTImageProcessor(size={"height": spec.image_size, "width": spec.image_size},
                                       image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
     model.save_pretrained(folder)
@@ -130,10 +120,10 @@ def is_tiny_eval(path: str | os.PathLike) -> bool:
 def tiny_clip_folder(cache_dir: str | os.PathLike, spec: TinyClipSpec = TinyClipSpec()) -> Path:
     """Folder of the tiny CLIP for ``spec`` under ``cache_dir/models``, built once (atomically) if absent."""
     return build_once(Path(cache_dir).expanduser() / "models" / f"tiny-clip-{spec.key()}", MARKER,
-                      lambda f: build_tiny_clip(f, spec), prefix=".tiny-eval-")
+                      lambda f: build_tiny_clip(f, spec))
 
 
 def tiny_dino_folder(cache_dir: str | os.PathLike, spec: TinyDinoSpec = TinyDinoSpec()) -> Path:
     """Folder of the tiny DINO-like ViT for ``spec`` under ``cache_dir/models``, built once if absent."""
     return build_once(Path(cache_dir).expanduser() / "models" / f"tiny-{spec.kind}-{spec.key()}", MARKER,
-                      lambda f: build_tiny_dino(f, spec), prefix=".tiny-eval-")
+                      lambda f: build_tiny_dino(f, spec))

@@ -11,7 +11,6 @@ dir (once, atomically) and loaded back with ``from_pretrained`` — the code pat
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -20,7 +19,9 @@ from pathlib import Path
 
 import torch
 
-from tokenflow.models.tiny import TinyModelSpec, build_once, tiny_model_folder
+from tokenflow.digests import json_digest
+from tokenflow.models.tiny import TinyModelSpec, build_once, damped, tiny_model_folder
+from tokenflow.rng import seeded_init
 
 EXTRAS_FORMAT_VERSION = 1
 
@@ -38,16 +39,14 @@ class TinyControlNetSpec:
 
 
 def _key(*parts: object) -> str:
-    blob = json.dumps([*parts, EXTRAS_FORMAT_VERSION], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return json_digest([*parts, EXTRAS_FORMAT_VERSION], 16)
 
 
 def build_tiny_controlnet(unet: torch.nn.Module, spec: TinyControlNetSpec = TinyControlNetSpec()):
     """A ``ControlNetModel`` shaped for ``unet`` (only its config is read) with seeded random weights."""
     from diffusers import ControlNetModel
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+    with seeded_init(spec.seed):
         net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=spec.conditioning_channels,
                                         load_weights_from_unet=False)
         with torch.no_grad():
@@ -86,12 +85,9 @@ def tiny_ip2p_folder(cache_dir: str | os.PathLike, spec: TinyModelSpec = TinyMod
         shutil.copytree(base, folder, dirs_exist_ok=True, ignore=shutil.ignore_patterns("unet"))
         config = dict(UNet2DConditionModel.load_config(base / "unet"))
         config["in_channels"] = 2 * int(config["out_channels"])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed + 1)
+        with seeded_init(spec.seed + 1):
             unet = UNet2DConditionModel.from_config(config)
-        with torch.no_grad():  # damped like the tiny model's, so DDIM inversion round-trips
-            unet.conv_out.weight.mul_(spec.output_damping)
-            unet.conv_out.bias.mul_(spec.output_damping)
+        damped(unet, "conv_out", spec.output_damping)  # like the tiny model's, so DDIM inversion round-trips
         unet.save_pretrained(folder / "unet")
         index = json.loads((folder / "model_index.json").read_text())
         index["_class_name"] = "StableDiffusionInstructPix2PixPipeline"

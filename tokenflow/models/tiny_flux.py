@@ -18,15 +18,16 @@ tokenizer's vocabulary 5 MB).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tokenflow.digests import json_digest
 from tokenflow.errors import ConfigError
-from tokenflow.models.tiny import _save_scheduler, _save_tokenizer, build_once, damped, save_components, seeded
+from tokenflow.models.tiny import _save_scheduler, _save_tokenizer, build_once, damped, save_components
 from tokenflow.models.tiny_mmdit import _calibrate_latents, _save_byt5_tokenizer
+from tokenflow.rng import seeded_init
 from tokenflow.models.variants_flux import FLUX_TEXT_ENCODER_CLASSES, FluxCheckpoint, flux_checkpoint, tiny_flux
 
 TINY_FLUX_FORMAT_VERSION = 1
@@ -49,8 +50,7 @@ class TinyFluxSpec:
             raise ConfigError(f"output_damping={self.output_damping} must be > 0 — use e.g. 0.1")
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "format": TINY_FLUX_FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return json_digest({**asdict(self), "format": TINY_FLUX_FORMAT_VERSION}, 16)
 
 
 def build_tiny_flux_pipeline(folder: Path, spec: TinyFluxSpec = TinyFluxSpec()) -> None:
@@ -61,7 +61,7 @@ def build_tiny_flux_pipeline(folder: Path, spec: TinyFluxSpec = TinyFluxSpec()) 
     folder = Path(folder)
     ckpt = tiny_flux(flux_checkpoint(spec.variant))
     clip, t5 = ckpt.text_encoders
-    with seeded(spec.seed):
+    with seeded_init(spec.seed):
         transformer = damped(FluxTransformer2DModel(**ckpt.transformer), "proj_out", spec.output_damping)
         vae = AutoencoderKL(**ckpt.vae)
         # CLIP-L without a projection: FluxPipeline reads its pooler_output

@@ -15,7 +15,6 @@ x 192) is stored with it; the T5 is 2 layers deep (see :func:`~tokenflow.models.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
@@ -23,9 +22,11 @@ from pathlib import Path
 
 import torch
 
+from tokenflow.digests import json_digest
 from tokenflow.errors import ConfigError
 from tokenflow.models.tiny import (_numbered, _save_scheduler, _save_tokenizer, build_once, damped, latent_rescale,
-                                   save_components, seeded)
+                                   save_components)
+from tokenflow.rng import seeded_init
 from tokenflow.models.variants_mmdit import TEXT_ENCODER_CLASSES, TransformerCheckpoint, mmdit_checkpoint, tiny_mmdit
 
 TINY_MMDIT_FORMAT_VERSION = 2  # 2: the T5 encoder is 2 layers deep
@@ -50,8 +51,7 @@ class TinyMMDiTSpec:
             raise ConfigError(f"output_damping={self.output_damping} must be > 0 — use e.g. 0.1")
 
     def key(self) -> str:
-        blob = json.dumps({**asdict(self), "format": TINY_MMDIT_FORMAT_VERSION}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+        return json_digest({**asdict(self), "format": TINY_MMDIT_FORMAT_VERSION}, 16)
 
 
 def build_tiny_mmdit_pipeline(folder: Path, spec: TinyMMDiTSpec = TinyMMDiTSpec()) -> None:
@@ -60,7 +60,7 @@ def build_tiny_mmdit_pipeline(folder: Path, spec: TinyMMDiTSpec = TinyMMDiTSpec(
 
     folder = Path(folder)
     ckpt = tiny_mmdit(mmdit_checkpoint(spec.variant), spec.width_divisor)
-    with seeded(spec.seed):
+    with seeded_init(spec.seed):
         transformer = damped(SD3Transformer2DModel(**ckpt.transformer), "proj_out", spec.output_damping)
         vae = AutoencoderKL(**ckpt.vae)
         text_encoders = _text_encoders(ckpt)

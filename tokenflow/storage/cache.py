@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from tokenflow.models.trajectory import FileTrajectory, InversionResult, NullTextEmbeddings, Trajectory
 from tokenflow.atomic import atomic_file, open_regular, remove_stale, temp_path
+from tokenflow.digests import json_digest
 
 try:
     import fcntl
@@ -59,8 +60,7 @@ CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 def cache_key(**parts: Any) -> str:
     """Stable hash of JSON-serialisable parts."""
-    blob = json.dumps({"format": CACHE_FORMAT, **parts}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+    return json_digest({"format": CACHE_FORMAT, **parts}, 32)
 
 
 def _checksum(tensors: dict[str, torch.Tensor], manifest: dict[str, Any]) -> str:
