@@ -61,6 +61,18 @@ def wolf8():
     return read_video(DATA / "wolf.mp4", n_frames=8, height=128, width=128)
 
 
+@pytest.fixture(scope="session", params=["synthetic", "wolf"])
+def clip8(request):
+    """8 frames at 128x128: a smooth texture moving 2 px per frame (``synthetic``: runs on every clone), and the
+    first 8 frames of wolf.mp4 (``wolf``: skips without ../shared). A test on both checks the real case where it can
+    and never leaves a user's clone without the check."""
+    if request.param == "wolf":
+        return request.getfixturevalue("wolf8")
+    from tokenflow.storage.video import Video
+
+    return Video(translating_clip(n=8, h=128, w=128, shift=2, seed=3), fps=10.0, source="synthetic-texture")
+
+
 class UNetCounter:
     """Counts UNet forward calls and batch elements through a forward pre-hook (a context manager)."""
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_data, translation_clip
+from conftest import translation_clip
 from tokenflow.editors import PnPEditor
 from tokenflow import DDIMInverter, FixedKeyframes, TokenFlowPipeline, TokenFlowPropagator, invert_video
 from tokenflow.evaluation.correspondence import (CorrespondenceField, compute_field, coordinate_colormap, plot_field,
@@ -35,8 +35,8 @@ def shifted_field(tiny, shifted):
 
 
 @pytest.fixture(scope="module")
-def wolf_inversion(tiny, wolf8):
-    return invert_video(tiny, wolf8, DDIMInverter(n_steps=STEPS, keep_steps=STEPS), "a wolf", progress=False)[0]
+def clip_inversion(tiny, clip8):
+    return invert_video(tiny, clip8, DDIMInverter(n_steps=STEPS, keep_steps=STEPS), "a wolf", progress=False)[0]
 
 
 def _interior(shift: int) -> torch.Tensor:
@@ -142,22 +142,20 @@ def _assert_same_field(a: CorrespondenceField, b: CorrespondenceField, queries, 
         assert abs(float(q @ kk[a.index[f, k, s]]) - float(q @ kk[b.index[f, k, s]])) < 1e-5
 
 
-@needs_data
 @pytest.mark.skipif(not faiss_available(), reason="faiss not installed (pip install 'tokenflow-video[cpu]')")
 @pytest.mark.parametrize("layer", [0, 6])
-def test_faiss_and_torch_fields_agree_on_real_tokens(tiny, wolf_inversion, layer):
-    t, keyframes = wolf_inversion.timesteps[0], [1, 5]
+def test_faiss_and_torch_fields_agree_on_video_tokens(tiny, clip_inversion, layer):
+    t, keyframes = clip_inversion.timesteps[0], [1, 5]
     small_blocks = TorchNeighbourSearch(max_block_elements=999)  # many row blocks: still the same field
-    exact = compute_field(tiny, wolf_inversion, layer, t, keyframes, search=small_blocks)
-    flat = compute_field(tiny, wolf_inversion, layer, t, keyframes, search=FaissNeighbourSearch("flat"))
+    exact = compute_field(tiny, clip_inversion, layer, t, keyframes, search=small_blocks)
+    flat = compute_field(tiny, clip_inversion, layer, t, keyframes, search=FaissNeighbourSearch("flat"))
     assert exact.layer == flat.layer and exact.grid == flat.grid
-    tokens = source_tokens(tiny, wolf_inversion, layer, t)
+    tokens = source_tokens(tiny, clip_inversion, layer, t)
     assert tokens.shape[:2] == (8, exact.grid[0] * exact.grid[1])
     _assert_same_field(exact, flat, tokens, tokens[keyframes])
 
 
-@needs_data
-def test_field_equals_the_matches_of_an_actual_edit(tiny, wolf_inversion):
+def test_field_equals_the_matches_of_an_actual_edit(tiny, clip_inversion):
     """compute_field must reproduce, index for index, what the propagator matched at the first edit step."""
     layout = UNetLayout.from_unet(tiny.unet)
     layers = [layout.self_attention[i] for i in (0, 6, 15)]
@@ -169,9 +167,9 @@ def test_field_equals_the_matches_of_an_actual_edit(tiny, wolf_inversion):
             seen.setdefault((layer, f, keyframe), (index[r].clone(), similarity[r].clone()))  # first step only
 
     pipe = TokenFlowPipeline(tiny, PnPEditor(), TokenFlowPropagator(), FixedKeyframes(keyframes), n_steps=STEPS)
-    result = pipe.edit(wolf_inversion, "a robotic wolf", "ugly", progress=False, on_match=record)
+    result = pipe.edit(clip_inversion, "a robotic wolf", "ugly", progress=False, on_match=record)
     for layer in layers:
-        field = compute_field(tiny, wolf_inversion, layer, result.timesteps[0], keyframes)
+        field = compute_field(tiny, clip_inversion, layer, result.timesteps[0], keyframes)
         pairs = [(f, k) for (name, f, k) in seen if name == layer]
         assert len(pairs) >= 8  # every non-keyframe matched at least one keyframe
         for f, k in pairs:

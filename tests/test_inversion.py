@@ -4,16 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import UNetCounter, needs_data
+from conftest import UNetCounter
 from tokenflow import DDIMInverter, InversionCache, invert_video, reconstruct
 from tokenflow.models.ddim import ddim_timesteps
 from tokenflow.errors import ConfigError
 from tokenflow.storage.video import Video
 
 
-@needs_data
-def test_ddim_inversion_round_trips(tiny, wolf8):
-    video = Video(wolf8.frames[:4], wolf8.fps, wolf8.source)
+def test_ddim_inversion_round_trips(tiny, clip8):
+    video = Video(clip8.frames[:4], clip8.fps, clip8.source)
     inversion, _ = invert_video(tiny, video, DDIMInverter(n_steps=50), "a wolf", progress=False)
     assert inversion.timesteps == ddim_timesteps(tiny.scheduler, 50) and inversion.latents.shape[:2] == (50, 4)
     recon = reconstruct(tiny, inversion, progress=False)

@@ -55,7 +55,7 @@ def _count(module) -> int:
 PUBLISHED = {
     "sd15": (859_520_964, 83_653_863, [123_060_480]),
     "sd21-base": (865_910_724, 83_653_863, [340_387_840]),
-    "sd21": (865_910_724, 83_653_863, [340_387_840]),
+    "sd21-768": (865_910_724, 83_653_863, [340_387_840]),
     "sdxl": (2_567_463_684, 83_653_863, [123_060_480, 694_659_840]),
 }
 
@@ -67,7 +67,7 @@ def test_transcribed_configs_have_the_published_parameter_counts(name):
 
 
 @pytest.mark.parametrize("name, conv, attn, n_self", [
-    ("sd15", [4], list(range(4, 12)), 16), ("sd21-base", [4], list(range(4, 12)), 16), ("sd21", [4], list(range(4, 12)), 16),
+    ("sd15", [4], list(range(4, 12)), 16), ("sd21-base", [4], list(range(4, 12)), 16), ("sd21-768", [4], list(range(4, 12)), 16),
     ("sdxl", [1], list(range(1, 6)), 70),  # SDXL: 2x1 + 2x10 down, 10 mid, 3x10 + 3x2 up transformer blocks
 ])
 def test_pnp_sites_on_the_real_unets(name, conv, attn, n_self):
@@ -100,7 +100,7 @@ def test_tiny_variant_is_the_real_config_with_widths_divided(name):
 
 
 def test_unknown_tiny_variant_is_one_clear_error():
-    with pytest.raises(ConfigError, match="model variant 'sd3' is unknown — use one of sd15, sd21-base, sd21, sdxl"):
+    with pytest.raises(ConfigError, match="model variant 'sd3' is unknown — use one of sd15, sd21-base, sd21-768, sdxl"):
         load_model("tiny", device="cpu", tiny_variant="sd3")
 
 
@@ -380,3 +380,23 @@ def test_the_tiny_model_is_the_same_bytes_whatever_the_thread_count(tmp_path):
     assert files[0].keys() == files[1].keys() and any(k.suffix == ".safetensors" for k in files[0])
     differing = [str(k) for k in files[0] if files[0][k] != files[1][k]]
     assert not differing, differing
+
+
+def test_tiny_variants_take_the_model_groups_names_and_sd21_is_refused():
+    """model.tiny_variant reads the model group's spellings (model=sd21_768 -> sd21-768, sd3_medium, flux_dev);
+    "sd21" names SD 2.1-base in the model group but was the 768-v model here: refused in one line, both named."""
+    from pathlib import Path
+
+    from tokenflow.models.variants import tiny_variant_name
+    from tokenflow.models.variants_flux import FLUX_CHECKPOINTS
+    from tokenflow.models.variants_mmdit import MMDIT_CHECKPOINTS
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "model"
+    published = {**CHECKPOINTS, **MMDIT_CHECKPOINTS, **FLUX_CHECKPOINTS}
+    for option in ("sd15", "sd21_768", "sdxl", "sd3_medium", "sd35_medium", "flux_dev", "flux_schnell"):
+        assert (conf / f"{option}.yaml").is_file()
+        assert tiny_variant_name(option) in published, option
+    assert tiny_variant_name("sd21-base") == "sd21-base"
+    with pytest.raises(ConfigError, match="tiny_variant=sd21 is ambiguous — model=sd21 is SD 2.1-base: use "
+                                          "tiny_variant=sd21-base; .* is tiny_variant=sd21-768"):
+        load_model("tiny", tiny_variant="sd21")

@@ -1,11 +1,9 @@
 """Prompt-to-Prompt editor on the tiny model: exact reproduction, token logic, processors, LocalBlend."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from conftest import needs_data
 from tokenflow.editors import PromptToPromptEditor
 from tokenflow.editors.p2p_control import LocalBlend, P2PCrossAttention
 from tokenflow import (ConfigError, DDIMInverter, NoPropagation, RandomKeyframes, TokenFlowPipeline,
@@ -222,12 +220,12 @@ def test_local_blend_mask_geometry():
 
 
 @pytest.fixture(scope="module")
-def wolf_edit(tiny, wolf8):
-    """4 wolf frames through TokenFlow + P2P (refine, reweight, LocalBlend), recording masks and processors.
+def clip_edit(tiny, clip8):
+    """4 frames (synthetic, and wolf.mp4 where ../shared is) through TokenFlow + P2P (refine, reweight, LocalBlend), recording masks and processors.
 
     LocalBlend's mask is the real one with its left half cleared: the blend must keep the source there.
     """
-    video = Video.from_tensor(wolf8.to_tensor()[:4], fps=wolf8.fps)
+    video = Video.from_tensor(clip8.to_tensor()[:4], fps=clip8.fps)
     inversion = invert_video(tiny, video, DDIMInverter(n_steps=STEPS, keep_steps=STEPS), "a wolf", progress=False)[0]
     editor = PromptToPromptEditor(mode="refine", equalizer={"fluffy": 2.0}, blend_words=["wolf"])
     pipe = TokenFlowPipeline(tiny, editor, TokenFlowPropagator(), RandomKeyframes(2, seed=0), n_steps=STEPS, chunk_size=2)
@@ -256,19 +254,17 @@ def wolf_edit(tiny, wolf8):
     return dict(result=result, inversion=inversion, masks=masks, before=before, reference=reference, after=after)
 
 
-@needs_data
-def test_tokenflow_pipeline_runs_and_restores_the_unet(tiny, wolf_edit):
-    assert torch.isfinite(wolf_edit["result"].latents).all()
-    assert set(tiny.unet.attn_processors) == set(wolf_edit["before"])
-    assert all(tiny.unet.attn_processors[k] is v for k, v in wolf_edit["before"].items())
+def test_tokenflow_pipeline_runs_and_restores_the_unet(tiny, clip_edit):
+    assert torch.isfinite(clip_edit["result"].latents).all()
+    assert set(tiny.unet.attn_processors) == set(clip_edit["before"])
+    assert all(tiny.unet.attn_processors[k] is v for k, v in clip_edit["before"].items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in tiny.unet.modules())
-    assert torch.equal(wolf_edit["reference"], wolf_edit["after"])
+    assert torch.equal(clip_edit["reference"], clip_edit["after"])
 
 
-@needs_data
-def test_local_blend_keeps_the_source_outside_the_mask(wolf_edit):
-    latents, clean = wolf_edit["result"].latents, wolf_edit["inversion"].clean
-    last = [(frames, mask) for index, phase, frames, mask in wolf_edit["masks"] if index == STEPS - 1]
+def test_local_blend_keeps_the_source_outside_the_mask(clip_edit):
+    latents, clean = clip_edit["result"].latents, clip_edit["inversion"].clean
+    last = [(frames, mask) for index, phase, frames, mask in clip_edit["masks"] if index == STEPS - 1]
     assert sorted(torch.cat([f for f, _ in last]).tolist()) == [0, 1, 2, 3]  # keyframe pass + chunks of the others
     for frames, mask in last:
         outside = (mask == 0).expand(-1, 4, -1, -1)

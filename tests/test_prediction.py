@@ -157,7 +157,7 @@ def _sd_pipeline(model: DiffusionModel):
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 
 
-@pytest.mark.parametrize("variant", ["sd15", "sd21-base", "sd21"])
+@pytest.mark.parametrize("variant", ["sd15", "sd21-base", "sd21-768"])
 def test_sampling_equals_the_stable_diffusion_pipeline(variants, variant):
     model = variants(variant)
     x, g = _latents(n=1, seed=3), 7.5

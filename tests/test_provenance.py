@@ -75,3 +75,15 @@ def test_write_manifest_is_atomic_json(tmp_path: Path) -> None:
     assert path == tmp_path / "run" / MANIFEST_NAME
     assert json.loads(path.read_text()) == json.loads(json.dumps(manifest))
     assert [p.name for p in path.parent.iterdir()] == [MANIFEST_NAME]  # no temporary file left
+    # a write that fails half-way (a full disk) leaves the previous manifest whole and no temporary file
+    before = path.read_bytes()
+    real_write = Path.write_text
+
+    def half_then_full(self, data, *args, **kwargs):
+        real_write(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "write_text", half_then_full)
+        with pytest.raises(OSError):
+            write_manifest(tmp_path / "run", run_manifest({"seed": 2}, command=["y"]))
+    assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [MANIFEST_NAME]

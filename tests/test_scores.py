@@ -219,6 +219,17 @@ def test_recompute_updates_metrics_json_atomically(tmp_path: Path, clip4: np.nda
         assert on_disk["metrics"][key] == value and on_disk["definitions"][key] == expected.definitions[key]
     assert {"warp_error@opencv-farneback", "track_epe@opencv-lk", "background_psnr"} <= set(on_disk["metrics"])
     assert not [p for p in run.iterdir() if ".tmp-" in p.name]
+    # a rescoring whose write fails half-way (a full disk) leaves the run's record as it was, whole
+    before, real_write = (run / "metrics.json").read_bytes(), Path.write_text
+
+    def half_then_full(self, data, *args, **kwargs):
+        real_write(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(Path, "write_text", half_then_full)
+        with pytest.raises(OSError):
+            recompute(run, "default", masks=mask)
+    assert (run / "metrics.json").read_bytes() == before and not [p for p in run.iterdir() if ".tmp-" in p.name]
     # the console entry scores every job of a multirun dir, reports the failed one, and exits non-zero for it
     assert main([str(tmp_path / "multirun"), "--metrics", "default", "warp.method=dis"]) == 2
     captured = capsys.readouterr()

@@ -303,21 +303,21 @@ def test_faiss_gpu_flat_matches_torch_on_cuda(dtype):
 
 
 @pytest.fixture(scope="module")
-def wolf_tokens(tiny, wolf8):
-    """layer -> source self-attention input tokens (8, S, C) of wolf8 at the first of 2 DDIM steps."""
+def clip_tokens(tiny, clip8):
+    """layer -> source self-attention input tokens (8, S, C) of the 8-frame clip at the first of 2 DDIM steps."""
     from tokenflow.evaluation.correspondence import source_tokens
     from tokenflow.core.inversion import DDIMInverter
     from tokenflow.core.video_inversion import invert_video
 
-    inversion = invert_video(tiny, wolf8, DDIMInverter(n_steps=2, keep_steps=2), "a wolf", progress=False)[0]
+    inversion = invert_video(tiny, clip8, DDIMInverter(n_steps=2, keep_steps=2), "a wolf", progress=False)[0]
     return {layer: source_tokens(tiny, inversion, layer, inversion.timesteps[0]).float() for layer in (0, 6, 13)}
 
 
 @needs_faiss
 @pytest.mark.parametrize("layer", [0, 6, 13])  # 16x16, 2x2 (mid block) and 16x16 decoder tokens
-def test_faiss_matches_torch_on_real_tiny_model_tokens(wolf_tokens, layer):
+def test_faiss_matches_torch_on_real_tiny_model_tokens(clip_tokens, layer):
     """The propagation's shapes on real diffusion features: all frames' tokens vs each keyframe's."""
-    tokens = wolf_tokens[layer]                                                       # (8, S, C)
+    tokens = clip_tokens[layer]                                                       # (8, S, C)
     keys = tokens[[1, 5]]                                                             # (2, S, C)
     queries = tokens.reshape(1, -1, tokens.shape[-1]).expand(2, -1, -1)              # (2, 8*S, C)
     t_index, t_sim = TorchNeighbourSearch(max_block_elements=4096).search(queries, keys)

@@ -26,10 +26,10 @@ from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
 from tokenflow.models.variants import checkpoint
 from tokenflow.storage.video import Video
 
-VARIANTS = ["sd15", "sd21-base", "sd21", "sdxl"]
+VARIANTS = ["sd15", "sd21-base", "sd21-768", "sdxl"]
 STEPS, FRAMES, GUIDANCE = 2, 3, 5.0
 # the smallest frames each UNet takes: 3 downsamplings (SD) need latents of 8 (64 px), SDXL's 2 need 4 (32 px)
-SIZE = {"sd15": 64, "sd21-base": 64, "sd21": 64, "sdxl": 32}
+SIZE = {"sd15": 64, "sd21-base": 64, "sd21-768": 64, "sdxl": 32}
 EDITORS = {
     "pnp": lambda: PnPEditor(guidance_scale=GUIDANCE),
     "sdedit": lambda: SDEditEditor(guidance_scale=GUIDANCE, strength=0.5),

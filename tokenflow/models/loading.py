@@ -124,8 +124,8 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
     """Load SD 1.x/2.x, SDXL, SD 3/3.5 or FLUX.1 components from a hub id, a local folder, or ``tiny`` (built
     offline, cached).
 
-    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21, sdxl, sd3-medium,
-    sd35-medium, flux-dev or flux-schnell: the published config of that checkpoint with tiny widths, see
+    ``tiny``: the offline test model, of ``tiny_variant`` (sd15, sd21-base, sd21-768, sdxl, sd3-medium,
+    sd35-medium, flux-dev or flux-schnell, or the ``model`` group's spelling: sd21_768, sd3_medium, ...: the published config of that checkpoint with tiny widths, see
     :mod:`tokenflow.models.variants`, :mod:`tokenflow.models.variants_mmdit` and
     :mod:`tokenflow.models.variants_flux`), built once under ``cache_dir`` (default: the library's user cache
     dir) and then loaded like any folder. An already loaded diffusers pipeline is accepted too (see
@@ -146,9 +146,11 @@ def load_model(source: str | Any, device: str = "auto", dtype: str = "auto", rev
     if source == "tiny":
         from tokenflow.models.tiny import TinyModelSpec, tiny_model_folder
         from tokenflow.models.tiny_mmdit import TinyMMDiTSpec, tiny_mmdit_folder
+        from tokenflow.models.variants import tiny_variant_name
         from tokenflow.models.variants_mmdit import MMDIT_CHECKPOINTS
         from tokenflow.paths import default_cache_dir
 
+        tiny_variant = tiny_variant_name(tiny_variant)
         if tiny_variant in MMDIT_CHECKPOINTS:
             spec = TinyMMDiTSpec(seed=tiny_seed, variant=tiny_variant)
             path = str(tiny_mmdit_folder(cache_dir or default_cache_dir(), spec))

