@@ -126,6 +126,26 @@ def one_thread():
 
 
 @pytest.fixture
+def failing_half_way(monkeypatch):
+    """A context manager: inside it ``Path.write_text`` writes the first half of its text, then fails as a full disk
+    does (ENOSPC) — what an atomic write must survive with the previous file whole."""
+    import contextlib
+
+    real_write = Path.write_text
+
+    def half_then_full(self, data, *args, **kwargs):
+        real_write(self, data[: len(data) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device")
+
+    @contextlib.contextmanager
+    def failing():
+        with monkeypatch.context() as m:
+            m.setattr(Path, "write_text", half_then_full)
+            yield
+    return failing
+
+
+@pytest.fixture
 def small_disk(tmp_path):
     """Factory ``(size) -> folder``: a tmpfs of ``size`` (e.g. "64k") mounted in ``tmp_path`` — a real full disk
     (ENOSPC from the kernel). Skips where mounting is not permitted (not root, or no tmpfs); always unmounted."""

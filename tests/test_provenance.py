@@ -69,7 +69,7 @@ def test_no_commit_outside_a_checkout(tmp_path: Path) -> None:
         assert git_info(REPO / "tokenflow") is None  # inside a checkout but not its top level
 
 
-def test_write_manifest_is_atomic_json(tmp_path: Path) -> None:
+def test_write_manifest_is_atomic_json(tmp_path: Path, failing_half_way) -> None:
     manifest = run_manifest({"seed": 1}, command=["x"])
     path = write_manifest(tmp_path / "run", manifest)
     assert path == tmp_path / "run" / MANIFEST_NAME
@@ -77,13 +77,7 @@ def test_write_manifest_is_atomic_json(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == [MANIFEST_NAME]  # no temporary file left
     # a write that fails half-way (a full disk) leaves the previous manifest whole and no temporary file
     before = path.read_bytes()
-    real_write = Path.write_text
-
-    def half_then_full(self, data, *args, **kwargs):
-        real_write(self, data[: len(data) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(Path, "write_text", half_then_full)
+    with failing_half_way():
         with pytest.raises(OSError):
             write_manifest(tmp_path / "run", run_manifest({"seed": 2}, command=["y"]))
     assert path.read_bytes() == before and [p.name for p in path.parent.iterdir()] == [MANIFEST_NAME]

@@ -201,7 +201,7 @@ def test_structure_distance_against_keys_computed_by_hand(dino_metric: DinoStruc
 # --- recompute ------------------------------------------------------------------------------------
 
 
-def test_recompute_updates_metrics_json_atomically(tmp_path: Path, clip4: np.ndarray, capsys) -> None:
+def test_recompute_updates_metrics_json_atomically(tmp_path: Path, clip4: np.ndarray, capsys, failing_half_way) -> None:
     edited = np.clip(clip4.astype(int) + np.array([0, 40, -30, 20])[:, None, None, None], 0, 255).astype(np.uint8)
     run = write_job(tmp_path / "multirun" / "0", {"prompt": "a fox", "editor.strength": 0.5},
                     config={"prompt": "a fox", "device": "cpu"}, metrics={"unet_evaluations": 12, "editing_s": 1.5},
@@ -220,13 +220,8 @@ def test_recompute_updates_metrics_json_atomically(tmp_path: Path, clip4: np.nda
     assert {"warp_error@opencv-farneback", "track_epe@opencv-lk", "background_psnr"} <= set(on_disk["metrics"])
     assert not [p for p in run.iterdir() if ".tmp-" in p.name]
     # a rescoring whose write fails half-way (a full disk) leaves the run's record as it was, whole
-    before, real_write = (run / "metrics.json").read_bytes(), Path.write_text
-
-    def half_then_full(self, data, *args, **kwargs):
-        real_write(self, data[: len(data) // 2], *args, **kwargs)
-        raise OSError(28, "No space left on device")
-    with pytest.MonkeyPatch.context() as m:
-        m.setattr(Path, "write_text", half_then_full)
+    before = (run / "metrics.json").read_bytes()
+    with failing_half_way():
         with pytest.raises(OSError):
             recompute(run, "default", masks=mask)
     assert (run / "metrics.json").read_bytes() == before and not [p for p in run.iterdir() if ".tmp-" in p.name]
